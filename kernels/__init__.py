@@ -1,0 +1,1 @@
+"""loramux: kernels package."""

@@ -1,0 +1,51 @@
+"""The contract between the HTTP layer (`server/api/`) and the async engine, with no torch.
+
+`server.async_engine.AsyncEngine` implements it; API tests may use a fake. The HTTP layer
+tokenizes (through `tokenizer`), validates limits, resolves and acquires the adapter in the
+registry, then iterates `generate(...)` and releases the adapter reference when it ends.
+"""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Protocol
+
+from server.outputs import CompletionDelta
+from server.sampling_params import SamplingParams
+
+
+class TokenizerLike(Protocol):
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str: ...
+
+
+class EngineClient(Protocol):
+    tokenizer: TokenizerLike
+    model_name: str  # id the base model is listed under in /v1/models
+    max_model_len: int  # prompt + max_tokens must not exceed this
+
+    def model_info(self) -> dict[str, Any]:
+        """Architecture, num_layers, hidden_size, per-projection (in, out) sizes, max_lora_rank, dtype, device."""
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        adapter: Any | None,  # adapters.registry.AdapterRef already acquired by the caller, or None
+    ) -> AsyncIterator[CompletionDelta]:
+        """Yields text deltas until one with finished=True. Cancelling the iterator aborts the request."""
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def stats(self) -> dict[str, Any]:
+        """running, waiting, kv_blocks_used, kv_blocks_total, slots_used, slots_total, step_loop_alive, ..."""
+
+    def is_ready(self) -> bool: ...
+
+    def queue_full(self) -> bool: ...
