@@ -26,6 +26,7 @@ serve: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/hadolint Dockerfile
 
 test: $(STAMP) lint
 	# pytest exits 5 when nothing was collected; that is not a failure.

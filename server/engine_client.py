@@ -7,6 +7,7 @@ registry, then iterates `generate(...)` and releases the adapter reference when 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from server.outputs import CompletionDelta
@@ -24,8 +25,46 @@ class TokenizerLike(Protocol):
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str: ...
 
 
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What the HTTP layer shows of one registered adapter version."""
+
+    name: str
+    id: int  # unique per version, never reused
+    version: int
+    rank: int  # max rank over its modules
+    target_modules: tuple[str, ...]
+    sha256: str
+    created_at: float  # unix seconds
+
+
+class AdapterManagerLike(Protocol):
+    """Adapter lifecycle as the HTTP layer sees it (validation + store + registry + slots behind it).
+
+    Errors are `adapters.errors.AdapterError` with a stable `.code`: "not_found" -> 404,
+    "exists" / "in_use" / "timeout" -> 409, anything else -> 400. Blocking calls: run them in a
+    thread (`starlette.concurrency.run_in_threadpool`) from async routes.
+    """
+
+    def list(self) -> list[AdapterInfo]: ...
+
+    def get(self, name: str) -> AdapterInfo: ...
+
+    def acquire(self, name: str) -> Any:
+        """Atomically resolve `name` and take an in-flight reference; returns the ref passed to generate()."""
+
+    def release(self, ref: Any) -> None: ...
+
+    def info(self, ref: Any) -> AdapterInfo: ...
+
+    def upload(self, name: str, config_bytes: bytes, weights_bytes: bytes, replace: bool = False) -> AdapterInfo: ...
+
+    def delete(self, name: str, timeout_s: float) -> None: ...
+
+
 class EngineClient(Protocol):
     tokenizer: TokenizerLike
+    adapters: AdapterManagerLike
     model_name: str  # id the base model is listed under in /v1/models
     max_model_len: int  # prompt + max_tokens must not exceed this
 

@@ -1,0 +1,173 @@
+"""The CPU path: several torch formulations of shrink/expand and the rule that picks one per call.
+
+Formulations (all give the reference's result; measured in docs/kernels.md):
+  "embbag"   `embedding_bag` over the row-table layout of kernels/layout.py: reads each row's
+             adapter weights once, no gather copy. Needs that layout; the fastest for decode.
+  "gather"   index_select each row's A/B (a copy) then bmm. Any layout.
+  "segments" one matmul per segment of rows sharing a slot. Best when segments are long (prefill)
+             or few.
+  "dense"    all active slots at once (x @ A_active.T, one-hot mask, @ B_active): T*S redundant
+             work; kept as a measured candidate.
+"auto" picks by `choose()`. Per-batch host metadata (segments, active rows, embedding_bag index
+tensors) is computed once per LoRABatch and cached: the same batch serves ~120 calls per step.
+
+Data flow: shrink -> v [n, T, r] (x.dtype, zeros on -1 rows) -> expand adds scaling * v @ B.T into y.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from kernels.batch import LoRABatch
+from kernels.layout import a_table, b_table
+
+IMPLS = ("auto", "embbag", "gather", "segments", "dense")
+# "segments" wins once segments average this many rows (measured, docs/kernels.md), or when
+# there are at most this few of them.
+SEG_MIN_ROWS = 8
+SEG_MAX_COUNT = 2
+
+
+class _Plan:
+    """Host-side view of one LoRABatch, built once and reused by every call of the step."""
+
+    def __init__(self, batch: LoRABatch):
+        slots = batch.token_slots.tolist()  # CPU tensor: no device sync
+        ptr = batch.seg_indptr.tolist()
+        self.segs = [(int(s), ptr[k], ptr[k + 1]) for k, s in enumerate(batch.seg_slots.tolist())]
+        self.segs = [(s, a, b) for s, a, b in self.segs if s >= 0 and b > a]
+        act = [t for t, s in enumerate(slots) if s >= 0]
+        self.num_tokens = len(slots)
+        self.all_active = len(act) == len(slots)
+        self.rows = torch.tensor(act, dtype=torch.long)  # active rows
+        self.row_slots = torch.tensor([slots[t] for t in act], dtype=torch.long)  # their slots
+        self.slot_list = list(batch.slot_list)
+        self._bags: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def bags(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """embedding_bag (indices, offsets): row t's bag is slot_t*width + [0, width); -1 rows empty."""
+        if width not in self._bags:
+            idx = (self.row_slots[:, None] * width + torch.arange(width)[None, :]).reshape(-1)
+            starts = torch.zeros(self.num_tokens, dtype=torch.long)
+            counts = torch.zeros(self.num_tokens, dtype=torch.long)
+            counts[self.rows] = width
+            starts[1:] = counts.cumsum(0)[:-1]
+            self._bags[width] = (idx, starts)
+        return self._bags[width]
+
+
+_cache: list = [None, None]  # [batch, plan]: one entry, the current step's batch
+
+
+def plan_for(batch: LoRABatch) -> _Plan:
+    if _cache[0] is not batch:
+        _cache[0], _cache[1] = batch, _Plan(batch)
+    return _cache[1]
+
+
+def choose(plan: _Plan, lora_a: Sequence[torch.Tensor] = (), lora_b: Sequence[torch.Tensor] = ()) -> str:
+    """The measured rule: long or few segments -> segments; else embbag when laid out for it."""
+    n_seg = len(plan.segs)
+    if n_seg <= SEG_MAX_COUNT or len(plan.rows) >= SEG_MIN_ROWS * n_seg:
+        return "segments"
+    if (not lora_a or a_table(lora_a) is not None) and all(b_table(b) is not None for b in lora_b):
+        return "embbag"
+    return "gather"
+
+
+def _active(t: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """Rows of t that have a slot (t itself when every row does)."""
+    return t if plan.all_active else t.index_select(0, plan.rows)
+
+
+def _scatter_rows(v_act: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """[n, Ta, r] active-row values -> [n, T, r] with zeros on -1 rows."""
+    if plan.all_active:
+        return v_act
+    v = v_act.new_zeros(v_act.shape[0], plan.num_tokens, v_act.shape[2])
+    v[:, plan.rows] = v_act
+    return v
+
+
+def shrink(x: torch.Tensor, lora_a: Sequence[torch.Tensor], plan: _Plan, impl: str) -> torch.Tensor:
+    """v [n, T, r] in x.dtype, zeros on -1 rows."""
+    n, (_, r, k) = len(lora_a), lora_a[0].shape
+    if impl == "embbag":
+        idx, offs = plan.bags(k)
+        table = a_table(lora_a)  # [S*in, n*r]
+        v = torch.nn.functional.embedding_bag(idx, table, offs, mode="sum", per_sample_weights=_active(x, plan).reshape(-1))
+        return v.view(plan.num_tokens, n, r).transpose(0, 1)  # [T, n*r] -> [n, T, r]
+    if impl == "segments":
+        v = x.new_zeros(n, plan.num_tokens, r)
+        for slot, start, end in plan.segs:
+            for i, a in enumerate(lora_a):
+                torch.matmul(x[start:end], a[slot].T, out=v[i, start:end])
+        return v
+    if impl == "gather":
+        xa = _active(x, plan).unsqueeze(1)  # [Ta, 1, in]
+        v = torch.stack([torch.bmm(xa, a.index_select(0, plan.row_slots).transpose(1, 2))[:, 0] for a in lora_a])
+        return _scatter_rows(v, plan)
+    if impl == "dense":
+        sl = torch.tensor(plan.slot_list, dtype=torch.long)
+        onehot = (plan.row_slots[:, None] == sl[None, :]).to(x.dtype)  # [Ta, S_act]
+        xa = _active(x, plan)
+        out = []
+        for a in lora_a:
+            a_act = a.index_select(0, sl).reshape(-1, k)  # [S_act*r, in]
+            va = (xa @ a_act.T).view(len(xa), len(sl), r)  # [Ta, S_act, r]: every active slot
+            out.append((va * onehot[:, :, None]).sum(1))
+        return _scatter_rows(torch.stack(out), plan)
+    raise ValueError(f"unknown CPU LoRA implementation {impl!r} (expected one of {IMPLS})")
+
+
+def expand(
+    y: torch.Tensor,
+    v: torch.Tensor,
+    lora_b: Sequence[torch.Tensor],
+    scaling: torch.Tensor,
+    plan: _Plan,
+    out_slices: Sequence[tuple[int, int]],
+    impl: str,
+) -> None:
+    """y[:, slice i] += scaling[i, slot] * v[i] @ B_i[slot].T on rows with a slot."""
+    dtype = y.dtype
+    if impl == "segments":
+        for slot, start, end in plan.segs:
+            for i, (b, (off, size)) in enumerate(zip(lora_b, out_slices, strict=True)):
+                w = v[i, start:end].to(dtype) * scaling[i, slot].to(dtype)
+                y[start:end, off : off + size].addmm_(w, b[slot].T)
+        return
+    sc = scaling.index_select(1, plan.row_slots).to(dtype)  # [n, Ta]
+    for i, (b, (off, size)) in enumerate(zip(lora_b, out_slices, strict=True)):
+        w = _active(v[i], plan).to(dtype) * sc[i][:, None]  # [Ta, r], scale folded in
+        if impl == "embbag":
+            idx, offs = plan.bags(b.shape[2])
+            d = torch.nn.functional.embedding_bag(idx, b_table(b), offs, mode="sum", per_sample_weights=w.reshape(-1))
+            y[:, off : off + size] += d  # -1 rows: empty bags add exactly 0
+            continue
+        if impl == "gather":
+            bg = b.index_select(0, plan.row_slots)  # [Ta, out, r]: a copy of each row's B
+            d = torch.bmm(bg, w.unsqueeze(-1))[..., 0]
+        elif impl == "dense":
+            sl = torch.tensor(plan.slot_list, dtype=torch.long)
+            onehot = (plan.row_slots[:, None] == sl[None, :]).to(dtype)  # [Ta, S_act]
+            b_act = b.index_select(0, sl).transpose(1, 2).reshape(-1, size)  # [S_act*r, out]
+            d = (onehot[:, :, None] * w[:, None, :]).reshape(len(w), -1) @ b_act
+        else:
+            raise ValueError(f"unknown CPU LoRA implementation {impl!r} (expected one of {IMPLS})")
+        if plan.all_active:
+            y[:, off : off + size] += d
+        else:
+            y[:, off : off + size].index_add_(0, plan.rows, d)
+
+
+def add_lora(y, x, lora_a, lora_b, scaling, batch: LoRABatch, out_slices, impl: str = "auto") -> None:
+    """The CPU add-on for one fused projection: shrink then expand, v kept in x.dtype."""
+    if not batch.has_lora:
+        return
+    plan = plan_for(batch)
+    if impl == "auto":
+        impl = choose(plan, lora_a, lora_b)
+    v = shrink(x, lora_a, plan, impl)
+    expand(y, v, lora_b, scaling, plan, out_slices, impl)

@@ -1,0 +1,255 @@
+"""The path shared by completions and chat: admit, resolve the adapter, check limits, run choices.
+
+Data flow for one HTTP request:
+  `admit()` (draining / queue full -> 503)  ->  `resolve_adapter()` (model vs adapter field)
+  -> `check_prompt()` / `build_params()` (every limit, a 400 naming the field; nothing is enqueued
+  before all checks pass)  ->  `acquire()` the adapter ref (unknown -> 404)  ->  `ChoiceRunner`
+  fans the prompts x n choices out to `engine.generate`, merges their deltas into one ordered
+  stream of (choice index, delta), and on close (finished, error, or client gone) aborts every
+  unfinished choice and releases the adapter ref -- in a detached task, so cleanup never depends on
+  awaiting inside a cancelled scope.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from fastapi import Request
+
+from server.api.errors import APIError, bad_request, from_adapter_error, from_value_error, service_unavailable
+from server.api.schemas import SamplingFields, neutral_extras
+from server.api.state import ServerState
+from server.engine_client import EngineClient
+from server.outputs import CompletionDelta
+from server.sampling_params import SamplingParams
+from server.settings import ServerSettings
+
+_CLEANUPS: set[asyncio.Task] = set()  # strong refs to detached cleanup tasks
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def admit(state: ServerState, engine: EngineClient) -> None:
+    """503 (with Retry-After) while draining or when the engine's queue is full."""
+    if state.draining:
+        raise service_unavailable("server is shutting down", code="server_draining", retry_after_s=5)
+    if engine.queue_full():
+        raise service_unavailable("too many requests waiting; retry shortly", code="queue_full")
+
+
+def base_names(engine: EngineClient, settings: ServerSettings) -> set[str]:
+    return {engine.model_name, settings.model}
+
+
+def resolve_adapter(engine: EngineClient, settings: ServerSettings, model: str | None,
+                    adapter: str | None) -> str | None:
+    """Adapter name to use, or None for the base model. `model` may name an adapter (vLLM style)."""
+    from_model = model if model is not None and model not in base_names(engine, settings) else None
+    if adapter is not None and from_model is not None and adapter != from_model:
+        raise bad_request(f"adapter: {adapter!r} disagrees with model {model!r}", param="adapter",
+                          code="adapter_model_mismatch")
+    return adapter if adapter is not None else from_model
+
+
+def acquire(engine: EngineClient, name: str | None, param: str) -> Any:
+    """Takes the in-flight reference (atomic resolve+count in the registry); unknown -> 404."""
+    if name is None:
+        return None
+    try:
+        return engine.adapters.acquire(name)
+    except ValueError as exc:  # AdapterError subclasses ValueError
+        if hasattr(exc, "code"):
+            raise from_adapter_error(exc, param=param) from None
+        raise from_value_error(exc, param) from None
+
+
+def check_prompt(engine: EngineClient, ids: Sequence[int], param: str) -> None:
+    if not ids:
+        raise bad_request(f"{param}: empty prompt", param=param, code="empty_prompt")
+    vocab = engine.tokenizer.vocab_size
+    bad = next((t for t in ids if t < 0 or t >= vocab), None)
+    if bad is not None:
+        raise bad_request(f"{param}: token id {bad} is outside the vocabulary [0, {vocab})", param=param,
+                          code="token_out_of_vocab")
+
+
+def check_length(engine: EngineClient, prompt_len: int, max_tokens: int, param: str) -> None:
+    limit = engine.max_model_len
+    if prompt_len >= limit:
+        raise bad_request(f"{param}: {prompt_len} prompt tokens; the model takes at most {limit - 1}",
+                          param=param, code="context_length_exceeded")
+    if prompt_len + max_tokens > limit:
+        raise bad_request(f"max_tokens: {prompt_len} prompt + {max_tokens} new tokens exceed the model "
+                          f"length {limit}", param="max_tokens", code="context_length_exceeded")
+
+
+def build_params(req: SamplingFields, settings: ServerSettings, *, max_tokens: int,
+                 logprobs: int | None, logprobs_param: str) -> SamplingParams:
+    """Server caps first (n, logprobs, stop), then SamplingParams' own range checks -> 400 naming the field."""
+    for param, reason in neutral_extras(req):
+        raise bad_request(reason, param=param, code="unsupported")
+    n = 1 if req.n is None else req.n
+    if not (1 <= n <= settings.max_n):
+        raise bad_request(f"n: must be in [1, {settings.max_n}]", param="n")
+    if logprobs is not None and not (0 <= logprobs <= settings.max_logprobs):
+        raise bad_request(f"{logprobs_param}: must be in [0, {settings.max_logprobs}]", param=logprobs_param)
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > settings.max_stop:
+        raise bad_request(f"stop: at most {settings.max_stop} stop strings", param="stop")
+    if any(len(s) > settings.max_stop_len for s in stop):
+        raise bad_request(f"stop: each stop string must be at most {settings.max_stop_len} characters",
+                          param="stop")
+    if max_tokens < 1:
+        raise bad_request("max_tokens: must be >= 1", param="max_tokens")
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if req.temperature is None else float(req.temperature),
+            top_p=1.0 if req.top_p is None else float(req.top_p),
+            top_k=-1 if req.top_k is None else req.top_k,
+            seed=req.seed,
+            min_tokens=req.min_tokens or 0,
+            ignore_eos=bool(req.ignore_eos),
+            stop=tuple(stop),
+            logprobs=logprobs,
+            n=n,
+        )
+    except ValueError as exc:
+        raise from_value_error(exc) from None
+
+
+@dataclass
+class ChoiceResult:
+    """Accumulated output of one choice (non-streamed responses and usage)."""
+
+    text: str = ""
+    deltas: list[CompletionDelta] | None = None
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+class ChoiceRunner:
+    """Runs prompts x n choices through the engine and yields (choice index, delta) as they come."""
+
+    def __init__(self, engine: EngineClient, request_id: str, prompts: list[list[int]],
+                 params: SamplingParams, ref: Any, adapter_label: str, metrics: Any):
+        self.engine = engine
+        self.ref = ref
+        self.adapter_label = adapter_label
+        self.metrics = metrics
+        self.arrival = time.monotonic()
+        n = params.n
+        self.jobs = []  # (choice index, engine request id, prompt ids, per-choice params)
+        for p, ids in enumerate(prompts):
+            for j in range(n):
+                index = p * n + j
+                seed = None if params.seed is None else params.seed + j  # n distinct, reproducible samples
+                self.jobs.append((index, f"{request_id}-{index}", ids, replace(params, n=1, seed=seed)))
+        self.prompt_tokens = sum(len(ids) for ids in prompts)
+        self.finished: set[int] = set()
+        self.completion_tokens: dict[int, int] = {}
+        self._queue: asyncio.Queue = asyncio.Queue(maxsize=len(self.jobs))  # one slot per producer
+        self._tasks: list[asyncio.Task] = []
+        self._closed = False
+
+    async def _pump(self, index: int, rid: str, ids: list[int], params: SamplingParams) -> None:
+        try:
+            async for delta in self.engine.generate(rid, ids, params, self.ref):
+                await self._queue.put((index, delta))
+                if delta.finished:
+                    return
+            await self._queue.put((index, CompletionDelta(rid, "", finished=True, finish_reason="error",
+                                                          error="engine stream ended early")))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # engine failure: becomes this choice's error, never a traceback
+            await self._queue.put((index, CompletionDelta(rid, "", finished=True, finish_reason="error",
+                                                          error=type(exc).__name__)))
+
+    async def stream(self) -> AsyncIterator[tuple[int, CompletionDelta]]:
+        self._tasks = [asyncio.create_task(self._pump(*job)) for job in self.jobs]
+        last: dict[int, float] = {}
+        while len(self.finished) < len(self.jobs):
+            index, delta = await self._queue.get()
+            now = time.monotonic()
+            if delta.token_ids:
+                if index in last:
+                    self.metrics.observe_itl(self.adapter_label, now - last[index])
+                else:
+                    self.metrics.observe_ttft(self.adapter_label, now - self.arrival)
+                last[index] = now
+            self.completion_tokens[index] = max(self.completion_tokens.get(index, 0), delta.completion_tokens)
+            if delta.finished:
+                self.finished.add(index)
+                self.metrics.observe_e2e(self.adapter_label, now - self.arrival)
+            yield index, delta
+
+    @property
+    def total_completion_tokens(self) -> int:
+        return sum(self.completion_tokens.values())
+
+    def close(self) -> None:
+        """Synchronous and idempotent: safe in any `finally`, even inside a cancelled scope."""
+        if self._closed:
+            return
+        self._closed = True
+        unfinished = [rid for index, rid, _, _ in self.jobs if index not in self.finished]
+        if not unfinished and all(t.done() for t in self._tasks):
+            self._release()
+            return
+        for t in self._tasks:
+            t.cancel()  # cancels engine.generate -> the engine aborts the request
+        task = asyncio.get_running_loop().create_task(self._cleanup(unfinished))
+        _CLEANUPS.add(task)
+        task.add_done_callback(_CLEANUPS.discard)
+
+    async def _cleanup(self, unfinished: list[str]) -> None:
+        try:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            for rid in unfinished:  # explicit abort too: KV is freed even if cancellation was swallowed
+                with contextlib.suppress(Exception):
+                    await self.engine.abort(rid)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self.ref is not None:
+            ref, self.ref = self.ref, None
+            self.engine.adapters.release(ref)
+
+
+async def wait_disconnect(request: Request) -> None:
+    """Returns when the client has gone (the body is already read, so receive() only reports that)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def unless_disconnected(request: Request, work: Any) -> Any:
+    """Runs `work` (a coroutine) but cancels it when the client disconnects (vLLM's with_cancellation)."""
+    job = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({job, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        job.cancel()
+        watch.cancel()
+        raise
+    watch.cancel()
+    if job in done:
+        return job.result()
+    job.cancel()  # its `finally` closes the ChoiceRunner, which aborts the engine requests
+    raise APIError(499, "client disconnected", code="client_closed")
+
+
+def engine_error(message: str | None) -> APIError:
+    return APIError(500, f"generation failed: {message or 'engine error'}", code="engine_error")

@@ -1,0 +1,111 @@
+"""Prometheus metrics: `GET /metrics` on a per-app registry (several apps can share one process).
+
+Two sources: a custom Collector that reads `engine.stats()` at scrape time (gauges and counters the
+engine owns), and histograms / counters the HTTP layer observes itself (TTFT, inter-token and
+end-to-end latency labelled by adapter, HTTP requests by route and status). Metric names are a
+contract: the load-test tool reads them.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+                    20.0, 40.0, 80.0)
+_ITL_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
+                2.5, 5.0)
+
+# stats() key -> (metric name, help) for monotonic counters the engine keeps.
+_COUNTERS = {
+    "adapter_loads": ("loramux_adapter_loads", "Adapter loads into device slots"),
+    "adapter_evictions": ("loramux_adapter_evictions", "Adapters evicted from device slots"),
+    "prompt_tokens": ("loramux_prompt_tokens", "Prompt tokens processed"),
+    "generation_tokens": ("loramux_generation_tokens", "Tokens generated"),
+    "preemptions": ("loramux_preemptions", "Requests preempted (recompute)"),
+    "steps": ("loramux_engine_steps", "Engine steps run"),
+    "scheduled_sequences": ("loramux_scheduled_sequences",
+                            "Sum over steps of sequences in the step (mean batch = delta / delta steps)"),
+}
+_GAUGES = {
+    "running": ("loramux_requests_running", "Requests in the running batch"),
+    "waiting": ("loramux_requests_waiting", "Requests waiting to be scheduled"),
+    "slots_used": ("loramux_adapter_slots_used", "Device adapter slots holding an adapter"),
+    "slots_total": ("loramux_adapter_slots_total", "Device adapter slots"),
+}
+
+
+class EngineCollector:
+    """Reads engine.stats() on every scrape; missing keys are skipped, never invented."""
+
+    def __init__(self, state: Any):
+        self.state = state
+
+    def describe(self) -> list:
+        return []  # dynamic: skip registration-time collection
+
+    def collect(self):
+        engine = self.state.engine
+        if engine is None:
+            return
+        stats = engine.stats()
+        for key, (name, doc) in _GAUGES.items():
+            if key in stats:
+                yield GaugeMetricFamily(name, doc, value=float(stats[key]))
+        used, total = stats.get("kv_blocks_used"), stats.get("kv_blocks_total")
+        if used is not None and total:
+            yield GaugeMetricFamily("loramux_kv_cache_usage_ratio", "Fraction of KV blocks in use",
+                                    value=float(used) / float(total))
+        for key, (name, doc) in _COUNTERS.items():
+            if key in stats:
+                yield CounterMetricFamily(name, doc, value=float(stats[key]))
+        info = GaugeMetricFamily(
+            "loramux_lora_requests_info", "Running and waiting adapters (value: scrape time)",
+            labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
+        info.add_metric([",".join(sorted(set(stats.get("running_adapters", [])))),
+                         ",".join(sorted(set(stats.get("waiting_adapters", [])))),
+                         str(stats.get("slots_total", self.state.settings.max_adapters_per_batch))],
+                        time.time())
+        yield info
+
+
+class Metrics:
+    """Owns the per-app registry and the histograms routes observe."""
+
+    def __init__(self, state: Any):
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(EngineCollector(state))
+        self.ttft = Histogram("loramux_time_to_first_token_seconds", "Time to first token", ["adapter"],
+                              buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.itl = Histogram("loramux_inter_token_latency_seconds", "Time between streamed tokens",
+                             ["adapter"], buckets=_ITL_BUCKETS, registry=self.registry)
+        self.e2e = Histogram("loramux_e2e_request_latency_seconds", "Request latency, arrival to finish",
+                             ["adapter"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.http = Counter("loramux_http_requests", "HTTP requests by route template and status",
+                            ["route", "status"], registry=self.registry)
+
+    def observe_ttft(self, adapter: str, seconds: float) -> None:
+        self.ttft.labels(adapter).observe(seconds)
+
+    def observe_itl(self, adapter: str, seconds: float) -> None:
+        self.itl.labels(adapter).observe(seconds)
+
+    def observe_e2e(self, adapter: str, seconds: float) -> None:
+        self.e2e.labels(adapter).observe(seconds)
+
+    def count_http(self, route: str, status: int) -> None:
+        self.http.labels(route, str(status)).inc()
+
+
+router = APIRouter(tags=["metrics"])
+
+
+@router.get("/metrics")
+def metrics(request: Request) -> Response:
+    registry = request.app.state.loramux.metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

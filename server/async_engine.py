@@ -1,0 +1,212 @@
+"""The async engine: `LLMEngine.step()` in one background thread, streams for the asyncio side.
+
+Threads and data flow:
+  asyncio (HTTP) thread: `generate()` validates and adds the request under the engine lock, then
+    awaits its `_Collector` (one slot + asyncio.Event, never an unbounded queue: deltas that
+    arrive faster than the client reads are merged into the slot).
+  engine thread: loop { with lock: schedule; execute (no lock: the model runs while new requests
+    queue); with lock: update } and hands each delta to its collector with
+    `loop.call_soon_threadsafe`. It sleeps on a condition when there is nothing to do.
+Cancelling `generate()` (client gone) aborts the request: its KV blocks are freed at the next step.
+`build_engine(settings)` wires model, adapters, slot pool, scheduler and runner for the CLI.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from server.engine import LLMEngine
+from server.outputs import CompletionDelta
+from server.sampling_params import SamplingParams
+
+log = logging.getLogger("loramux.engine")
+
+
+class _Collector:
+    """One-slot mailbox for a request's deltas; merges when the reader lags behind."""
+
+    def __init__(self) -> None:
+        self.delta: CompletionDelta | None = None
+        self.event = asyncio.Event()
+
+    def put(self, d: CompletionDelta) -> None:
+        cur = self.delta
+        if cur is None:
+            self.delta = d
+        else:  # merge: append text/tokens/logprobs, keep the newest status and counts
+            cur.text += d.text
+            cur.token_ids += d.token_ids
+            if d.logprobs:
+                cur.logprobs = (cur.logprobs or []) + d.logprobs
+                cur.logprob_tokens = (cur.logprob_tokens or []) + (d.logprob_tokens or [])
+                cur.top_logprob_tokens = (cur.top_logprob_tokens or []) + (d.top_logprob_tokens or [])
+            cur.finished, cur.finish_reason, cur.error = d.finished, d.finish_reason, d.error
+            cur.completion_tokens = d.completion_tokens
+        self.event.set()
+
+    async def get(self) -> CompletionDelta:
+        await self.event.wait()
+        self.event.clear()
+        d, self.delta = self.delta, None
+        assert d is not None
+        return d
+
+
+class AsyncEngine:
+    """Implements `server.engine_client.EngineClient` around an `LLMEngine`."""
+
+    def __init__(self, engine: LLMEngine, adapters: Any, model_name: str, info: dict[str, Any],
+                 max_model_len: int, max_waiting: int) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.adapters = adapters
+        self.model_name = model_name
+        self._info = info
+        self.max_model_len = max_model_len
+        self.max_waiting = max_waiting
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._collectors: dict[str, tuple[asyncio.AbstractEventLoop, _Collector]] = {}
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._ready = False
+        self.last_step_time = time.monotonic()
+        self.step_error: str | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="loramux-engine", daemon=True)
+        self._thread.start()
+        self._ready = True
+
+    def shutdown(self, drain_timeout_s: float = 0.0) -> None:
+        """Let running requests finish for up to `drain_timeout_s`, abort the rest, stop the thread."""
+        self._ready = False
+        deadline = time.monotonic() + drain_timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self.engine.has_unfinished():
+                    break
+            time.sleep(0.05)
+        with self._lock:
+            for rid in list(self.engine.live):
+                self.engine.abort(rid)
+            self._stop = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def is_ready(self) -> bool:
+        return self._ready and self._thread is not None and self._thread.is_alive()
+
+    def queue_full(self) -> bool:
+        return self.engine.scheduler.num_waiting >= self.max_waiting
+
+    def model_info(self) -> dict[str, Any]:
+        return dict(self._info)
+
+    # --- requests --------------------------------------------------------------------------------
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       adapter: Any | None = None) -> AsyncIterator[CompletionDelta]:
+        if not self.is_ready():
+            raise RuntimeError("engine is not running")
+        collector = _Collector()
+        with self._lock:
+            self.engine.add_request(request_id, prompt_token_ids, params, adapter)
+            self._collectors[request_id] = (asyncio.get_running_loop(), collector)
+            self._wake.notify_all()
+        finished = False
+        try:
+            while not finished:
+                delta = await collector.get()
+                finished = delta.finished
+                yield delta
+        finally:
+            with self._lock:
+                self._collectors.pop(request_id, None)
+                if not finished:  # client went away (cancelled) or the consumer stopped early
+                    self.engine.abort(request_id)
+                    self._wake.notify_all()
+
+    async def abort(self, request_id: str) -> None:
+        with self._lock:
+            self.engine.abort(request_id)
+            self._wake.notify_all()
+
+    def stats(self) -> dict[str, Any]:
+        eng = self.engine
+        with self._lock:
+            sched = eng.scheduler
+            bm = sched.block_manager
+            names = {}
+            for live in eng.live.values():
+                if live.adapter is not None:
+                    names[live.request.request_id] = live.adapter.name
+            running = sorted({names[r.request_id] for r in sched.running if r.request_id in names})
+            waiting = sorted({names[r.request_id] for r in sched.waiting if r.request_id in names})
+            pool = eng.runner.slot_pool
+            c = eng.counters
+            return {
+                "running": sched.num_running,
+                "waiting": sched.num_waiting,
+                "kv_blocks_used": bm.num_blocks - bm.num_free_blocks,
+                "kv_blocks_total": bm.num_blocks,
+                "slots_used": len(pool.resident()) if pool is not None else 0,
+                "slots_total": pool.num_slots if pool is not None else 0,
+                "adapter_loads": pool.loads if pool is not None else 0,
+                "adapter_evictions": pool.evictions if pool is not None else 0,
+                "preemptions": sched.num_preemptions,
+                "prompt_tokens": c.prompt_tokens,
+                "generation_tokens": c.generation_tokens,
+                "steps": c.steps,
+                "scheduled_sequences": c.scheduled_sequences,
+                "running_adapters": running,
+                "waiting_adapters": waiting,
+                "step_loop_alive": self._thread is not None and self._thread.is_alive(),
+                "last_step_age_s": time.monotonic() - self.last_step_time,
+            }
+
+    # --- the engine thread -------------------------------------------------------------------------
+    def _loop(self) -> None:
+        eng = self.engine
+        while True:
+            with self._lock:
+                while not self._stop and not eng.has_unfinished():
+                    self.last_step_time = time.monotonic()  # idle is not stalled
+                    self._wake.wait(timeout=1.0)
+                if self._stop:
+                    return
+            try:
+                deltas = self._locked_step()
+            except Exception as exc:  # noqa: BLE001 - the loop must survive anything
+                log.exception("engine loop error")
+                self.step_error = str(exc)
+                time.sleep(0.1)
+                continue
+            self.last_step_time = time.monotonic()
+            for d in deltas:
+                entry = self._collectors.get(d.request_id)
+                if entry is not None:
+                    loop, coll = entry
+                    with contextlib.suppress(RuntimeError):  # the client's loop is closed
+                        loop.call_soon_threadsafe(coll.put, d)
+
+    def _locked_step(self) -> list[CompletionDelta]:
+        """schedule (locked) -> execute (unlocked) -> update (locked)."""
+        return self.engine.step(self._lock)
+
+
+def build_engine(settings) -> AsyncEngine:
+    """Load the model and adapters named by `ServerSettings` and wire the engine (not started)."""
+    from server.engine_builder import build_async_engine
+
+    return build_async_engine(settings)

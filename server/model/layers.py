@@ -1,0 +1,31 @@
+"""Small elementwise layers of the Llama block: RMSNorm and SiLU-and-mul.
+
+Both follow Hugging Face numerics exactly: RMSNorm normalises in fp32 and casts back to the input
+dtype before the weight multiply; SiLU-and-mul splits a fused `gate|up` projection output.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """y = weight * (x / sqrt(mean(x^2) + eps)), statistics in fp32 (as `LlamaRMSNorm`)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[T, 2*I] (gate | up) -> [T, I] = silu(gate) * up."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up

@@ -1,0 +1,143 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM): math only.
+
+Data flow of one step: `forward(input_ids [T], ctx)` installs the step's `ForwardContext`, embeds
+the flattened tokens to `[T, hidden]`, builds the per-step rotary rows and `AttentionPlan` once, runs
+every decoder layer (pre-norm attention + pre-norm gated MLP, residual adds) and returns the final
+normed hidden states `[T, hidden]`; `compute_logits` maps the rows the sampler needs to fp32 logits.
+
+Projections are fused (`qkv_proj` = q|k|v, `gate_up_proj` = gate|up) and called as plain
+`self.<name>(x)`, so a LoRA-aware wrapper with the same call signature can replace them;
+`lora_targets()` lists those substitution points with the HF names of their output slices.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from server.model.attention import AttentionPlan, build_attention_plan, paged_attention
+from server.model.config import ModelConfig
+from server.model.context import ForwardContext, get_context, use_context
+from server.model.layers import RMSNorm, silu_and_mul
+from server.model.rope import RotaryEmbedding, apply_rotary
+
+
+@dataclass(frozen=True)
+class LoRATarget:
+    """One substitutable projection: `getattr(parent, attr)` is an nn.Linear whose output is the
+    concatenation of `slices` (HF projection name, width), in order."""
+
+    layer_idx: int
+    parent: nn.Module
+    attr: str
+    slices: tuple[tuple[str, int], ...]
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
+        self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
+        self.scale = cfg.head_dim ** -0.5
+        self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_proj_bias)
+        self.kv_cache: torch.Tensor | None = None  # bound by LlamaForCausalLM.bind_kv_cache
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: AttentionPlan
+                ) -> torch.Tensor:
+        T = x.shape[0]
+        qkv = self.qkv_proj(x)  # [T, q + 2*kv]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        # [T, heads*D] -> [T, heads, D]
+        q = apply_rotary(q.view(T, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        assert self.kv_cache is not None, "bind_kv_cache() must be called before forward()"
+        o = paged_attention(q, k, v, self.kv_cache, get_context(), plan, self.scale)
+        return self.o_proj(o.reshape(T, self.q_size))  # [T, H, D] -> [T, q_size] -> [T, hidden]
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: AttentionPlan
+                ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, plan)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(cfg)
+
+    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # [T] -> [T, hidden]
+        cos, sin = self.rotary_emb.cos_sin(ctx.positions, max(ctx.context_lens), x.dtype)
+        plan = build_attention_plan(ctx)
+        for layer in self.layers:
+            x = layer(x, cos, sin, plan)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    """`forward(input_ids [T] int64, ctx) -> hidden [T, hidden]`; `compute_logits(h) -> [N, vocab] fp32`."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        if input_ids.dim() != 1 or input_ids.shape[0] != ctx.slot_mapping.shape[0]:
+            raise ValueError(f"input_ids must be [num_tokens] matching the context, got {tuple(input_ids.shape)}")
+        with use_context(ctx):
+            return self.model(input_ids, ctx)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def bind_kv_cache(self, caches: list[torch.Tensor]) -> None:
+        """Give each layer its `[2, num_blocks, block_size, kv_heads, head_dim]` cache tensor."""
+        if len(caches) != len(self.model.layers):
+            raise ValueError(f"expected {len(self.model.layers)} KV caches, got {len(caches)}")
+        for layer, cache in zip(self.model.layers, caches, strict=True):
+            layer.self_attn.kv_cache = cache
+
+    def lora_targets(self) -> list[LoRATarget]:
+        cfg = self.config
+        targets = []
+        for i, layer in enumerate(self.model.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            targets += [
+                LoRATarget(i, attn, "qkv_proj", (("q_proj", cfg.q_size), ("k_proj", cfg.kv_size),
+                                                 ("v_proj", cfg.kv_size))),
+                LoRATarget(i, attn, "o_proj", (("o_proj", cfg.hidden_size),)),
+                LoRATarget(i, mlp, "gate_up_proj", (("gate_proj", cfg.intermediate_size),
+                                                    ("up_proj", cfg.intermediate_size))),
+                LoRATarget(i, mlp, "down_proj", (("down_proj", cfg.hidden_size),)),
+            ]
+        return targets

@@ -1,0 +1,151 @@
+"""Server settings: one frozen dataclass, filled from CLI flags with `LORAMUX_<FLAG>` env fallbacks.
+
+Data flow: `argv` -> `build_parser()` (each flag's default read from the environment, parsed with the
+flag's own type, so a bad env value fails exactly like a bad flag) -> `ServerSettings.from_namespace`
+-> `__post_init__` validation (ValueError naming the flag). The CLI, the app factory and the engine
+builder all read this one object; nothing mutates it afterwards.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+
+ENV_PREFIX = "LORAMUX_"
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything `loramux serve` can be told. Limits are enforced by the HTTP layer before enqueueing."""
+
+    model: str = "default"
+    adapter_dir: str | None = None  # None: the engine picks its default store location
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch_size: int = 64
+    max_adapters_per_batch: int = 8
+    max_lora_rank: int = 64
+    kv_cache_tokens: int | None = None  # None: sized automatically from free memory
+    device: str = "auto"
+    dtype: str = "auto"
+    api_key: str | None = None  # inference scope (an admin key also works for inference)
+    admin_key: str | None = None  # adapter upload/delete scope
+    # HTTP limits
+    max_body_bytes: int = 1 << 20  # JSON request bodies
+    max_upload_bytes: int = 256 << 20  # multipart adapter uploads
+    max_n: int = 4
+    max_logprobs: int = 20
+    max_stop: int = 4
+    max_stop_len: int = 256
+    max_waiting: int = 1024  # engine queue cap; beyond it requests get 503 + Retry-After
+    # lifecycle
+    drain_timeout_s: float = 30.0
+    unload_timeout_s: float = 30.0
+    step_stall_s: float = 60.0  # /ready turns 503 when the step loop makes no progress this long
+    log_level: str = "info"
+    # Hidden test hook "module:callable" building an EngineClient from settings (see server/cli.py).
+    engine_factory: str | None = None
+
+    def __post_init__(self) -> None:
+        if not (0 < self.port < 65536):
+            raise ValueError("--port: must be in 1..65535")
+        positive = ("max_batch_size", "max_adapters_per_batch", "max_lora_rank", "max_body_bytes",
+                    "max_upload_bytes", "max_n", "max_stop_len", "max_waiting")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')}: must be >= 1")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < 1:
+            raise ValueError("--kv-cache-tokens: must be >= 1")
+        if not (0 <= self.max_logprobs <= 20):
+            raise ValueError("--max-logprobs: must be in [0, 20]")
+        if self.max_stop < 0:
+            raise ValueError("--max-stop: must be >= 0")
+        for name in ("drain_timeout_s", "unload_timeout_s", "step_stall_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')}: must be >= 0")
+        if self.device not in DEVICES:
+            raise ValueError(f"--device: must be one of {', '.join(DEVICES)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype: must be one of {', '.join(DTYPES)}")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"--log-level: must be one of {', '.join(LOG_LEVELS)}")
+        for name in ("api_key", "admin_key"):
+            if getattr(self, name) == "":
+                raise ValueError(f"--{name.replace('_', '-')}: must not be empty")
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_key or self.admin_key)
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace) -> ServerSettings:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in vars(ns).items() if k in names})
+
+    @classmethod
+    def from_args(cls, argv: list[str] | None = None, env: dict[str, str] | None = None) -> ServerSettings:
+        """Parse `serve` flags (no subcommand) with env fallbacks; ValueError on bad values."""
+        parser = _RaisingParser(prog="loramux serve")
+        add_serve_arguments(parser, env)
+        return cls.from_namespace(parser.parse_args(argv or []))
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    """Turns argparse's print-and-exit into a ValueError, for library use of `from_args`."""
+
+    def error(self, message: str):
+        raise ValueError(message)
+
+
+def _opt_int(text: str) -> int | None:
+    return None if text.lower() in ("", "auto", "none") else int(text)
+
+
+def _opt_str(text: str) -> str | None:
+    return text or None
+
+
+# (flag, type, help). Defaults come from the dataclass; argparse parses string env defaults with `type`.
+_FLAGS: list[tuple[str, object, str]] = [
+    ("model", str, "model directory, GGUF file, or 'default' (embedded SmolLM2-135M-Instruct)"),
+    ("adapter-dir", _opt_str, "directory of the adapter store"),
+    ("host", str, "bind address (default 127.0.0.1: loopback only)"),
+    ("port", int, "TCP port"),
+    ("max-batch-size", int, "most sequences per engine step"),
+    ("max-adapters-per-batch", int, "distinct adapters per step (= device slots)"),
+    ("max-lora-rank", int, "largest accepted LoRA rank"),
+    ("kv-cache-tokens", _opt_int, "KV cache capacity in tokens (auto: from free memory)"),
+    ("device", str, "auto | cpu | cuda"),
+    ("dtype", str, "auto | float32 | bfloat16 | float16"),
+    ("api-key", _opt_str, "bearer key for inference routes"),
+    ("admin-key", _opt_str, "bearer key for adapter upload/delete (also valid for inference)"),
+    ("max-body-bytes", int, "largest JSON request body"),
+    ("max-upload-bytes", int, "largest adapter upload body"),
+    ("max-n", int, "largest `n` (choices per prompt)"),
+    ("max-logprobs", int, "largest `logprobs` / `top_logprobs`"),
+    ("max-stop", int, "most stop strings per request"),
+    ("max-stop-len", int, "longest stop string (characters)"),
+    ("max-waiting", int, "queue cap; beyond it 503 + Retry-After"),
+    ("drain-timeout-s", float, "seconds running requests get to finish after SIGTERM"),
+    ("unload-timeout-s", float, "seconds DELETE /v1/adapters/{name} waits for in-flight requests"),
+    ("step-stall-s", float, "/ready fails when the step loop is stuck this long"),
+    ("log-level", str, "critical | error | warning | info | debug"),
+]
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser, env: dict[str, str] | None = None) -> None:
+    """Adds every `serve` flag; each flag's default is `LORAMUX_<FLAG>` from `env` when set."""
+    env = os.environ if env is None else env
+    defaults = ServerSettings()
+    for flag, typ, help_text in _FLAGS:
+        dest = flag.replace("-", "_")
+        env_name = ENV_PREFIX + dest.upper()
+        default = env.get(env_name, getattr(defaults, dest))
+        parser.add_argument(f"--{flag}", dest=dest, type=typ, default=default,
+                            help=f"{help_text} [env {env_name}]")
+    # Hidden: lets tests run the real CLI/uvicorn/signal path on a fake engine.
+    parser.add_argument("--engine-factory", dest="engine_factory", type=_opt_str,
+                        default=env.get(ENV_PREFIX + "ENGINE_FACTORY"), help=argparse.SUPPRESS)

@@ -1,0 +1,92 @@
+"""The CPU path (every formulation and the "auto" pick) and the public dispatch, vs the reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+from kernels import LoRABatch, add_lora, cpu, lora_expand, lora_shrink, reference, use_backend
+from kernels.layout import a_table, b_table
+
+from .cases import PATTERNS, batch_with_empty_segment, check, make_case
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["plain", "table"])
+@pytest.mark.parametrize("impl", ["auto", "embbag", "gather", "segments", "dense"])
+@pytest.mark.parametrize("name", PATTERNS)
+def test_formulation_matches_reference(name, impl, layout, dtype):
+    if impl == "embbag" and layout != "table":
+        pytest.skip("embbag needs the row-table layout")
+    slots = PATTERNS[name]
+    case = make_case(slots, dtype=dtype, layout=layout, seed=len(slots))
+    y = case.y.clone()
+    cpu.add_lora(y, case.x, case.lora_a, case.lora_b, case.scaling, LoRABatch.build(slots), case.out_slices, impl)
+    check(y, case, slots)
+
+
+def test_auto_picks_by_segments_and_layout():
+    table, plain = make_case([0], layout="table"), make_case([0])
+    decode = cpu.plan_for(LoRABatch.build(list(range(6))))
+    assert cpu.choose(decode, table.lora_a, table.lora_b) == "embbag"
+    assert cpu.choose(decode, plain.lora_a, plain.lora_b) == "gather"
+    prefill = cpu.plan_for(LoRABatch.build([0] * 40 + [1] * 40 + [2] * 40))
+    assert cpu.choose(prefill, table.lora_a, table.lora_b) == "segments"
+
+
+def test_layout_detection():
+    case = make_case([0], layout="table")
+    assert a_table(case.lora_a).shape == (6 * 32, 3 * 8)
+    assert b_table(case.lora_b[0]).shape == (6 * 8, 16)
+    plain = make_case([0])
+    assert a_table(plain.lora_a) is None and b_table(plain.lora_b[0]) is None
+    assert a_table(case.lora_a[1:]) is None  # slices not starting at the storage's slice 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("layout", ["plain", "table"])
+def test_public_shrink_expand_and_empty_segment(backend, layout):
+    batch, slots = batch_with_empty_segment()
+    case = make_case(slots, layout=layout)
+    with use_backend(backend):
+        v = lora_shrink(case.x, case.lora_a, batch)
+        want_v = reference.shrink_rows(case.x, case.lora_a, batch.token_slots)
+        assert v.dtype == torch.float32 and v.shape == (3, 5, 8)
+        torch.testing.assert_close(v, want_v, atol=1e-5, rtol=1e-5)
+        y = case.y.clone()
+        lora_expand(y, v, case.lora_b, case.scaling, batch, case.out_slices)
+        check(y, case, slots)
+        y = case.y.clone()
+        add_lora(y, case.x, case.lora_a, case.lora_b, case.scaling, batch, case.out_slices)
+        check(y, case, slots)
+
+
+def test_shrink_zero_on_base_rows():
+    slots = [-1, 2, -1]
+    case = make_case(slots, layout="table")
+    v = lora_shrink(case.x, case.lora_a, LoRABatch.build(slots))
+    assert torch.count_nonzero(v[:, [0, 2]]) == 0 and torch.count_nonzero(v[:, 1]) > 0
+
+
+def test_bad_inputs_raise_value_error():
+    slots = [0, 1]
+    case = make_case(slots)
+    batch = LoRABatch.build(slots)
+    args = (case.lora_a, case.lora_b, case.scaling, batch, case.out_slices)
+    with pytest.raises(ValueError, match="rows"):
+        add_lora(case.y, case.x[:1], *args[:3], batch, case.out_slices)
+    with pytest.raises(ValueError, match="dtype"):
+        add_lora(case.y, case.x.double(), *args)
+    with pytest.raises(ValueError, match="outside"):
+        add_lora(case.y, case.x, case.lora_a, case.lora_b, case.scaling, batch, [(0, 16), (30, 8), (32, 8)])
+    with pytest.raises(ValueError, match="scaling"):
+        add_lora(case.y, case.x, case.lora_a, case.lora_b, case.scaling.double(), batch, case.out_slices)
+    with pytest.raises(ValueError, match="backend"):
+        kernels.set_backend("cuda-magic")
+
+
+def test_use_backend_restores_previous():
+    before = kernels.get_backend()
+    with use_backend("reference"):
+        assert kernels.get_backend() == "reference"
+    assert kernels.get_backend() == before
