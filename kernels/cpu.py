@@ -23,10 +23,11 @@ from kernels.batch import LoRABatch
 from kernels.layout import a_table, b_table
 
 IMPLS = ("auto", "embbag", "gather", "segments", "dense")
-# "segments" wins once segments average this many rows (measured, docs/kernels.md), or when
-# there are at most this few of them.
+# Measured (docs/kernels.md): "embbag" beats everything at decode, even with one adapter at
+# batch 32; "segments" (plain GEMMs) wins for one segment or long ones (prefill); without the
+# row-table layout, "segments" beats "gather" from ~8 rows per segment.
+SEG_LONG_ROWS = 32
 SEG_MIN_ROWS = 8
-SEG_MAX_COUNT = 2
 
 
 class _Plan:
@@ -67,13 +68,13 @@ def plan_for(batch: LoRABatch) -> _Plan:
 
 
 def choose(plan: _Plan, lora_a: Sequence[torch.Tensor] = (), lora_b: Sequence[torch.Tensor] = ()) -> str:
-    """The measured rule: long or few segments -> segments; else embbag when laid out for it."""
-    n_seg = len(plan.segs)
-    if n_seg <= SEG_MAX_COUNT or len(plan.rows) >= SEG_MIN_ROWS * n_seg:
+    """The measured rule: one or long segments -> segments; else embbag when laid out for it."""
+    n_seg, rows = len(plan.segs), len(plan.rows)
+    if n_seg <= 1 or rows >= SEG_LONG_ROWS * n_seg:
         return "segments"
     if (not lora_a or a_table(lora_a) is not None) and all(b_table(b) is not None for b in lora_b):
         return "embbag"
-    return "gather"
+    return "segments" if (n_seg <= 2 or rows >= SEG_MIN_ROWS * n_seg) else "gather"
 
 
 def _active(t: torch.Tensor, plan: _Plan) -> torch.Tensor:

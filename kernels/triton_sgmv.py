@@ -41,7 +41,7 @@ def _shrink_kernel(
     stride_vi, stride_vt,  # v [n, T, r] fp32, r contiguous
     in_features, rank, k_per_split,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """v[i, rows of segment] (+)= x[rows] @ A_i[slot].T over one K split; SPLIT_K > 1 adds atomically."""
     seg, mblk, pid2 = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -65,7 +65,10 @@ def _shrink_kernel(
                      mask=(row[:, None] < end) & kmask[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
         at = tl.load(a_base + rr[None, :] * sa_r + kk[:, None] * sa_k,
                      mask=(rr[None, :] < rank) & kmask[:, None], other=0.0)  # [BLOCK_K, BLOCK_R] = A.T
-        acc += tl.dot(xt, at.to(xt.dtype), input_precision=PRECISION)
+        if UPCAST:  # interpreter only: its bf16 tl.dot is wrong (triton 3.9), fp32 is exact
+            acc += tl.dot(xt.to(tl.float32), at.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(xt, at.to(xt.dtype), input_precision=PRECISION)
     v_ptrs = v_ptr + sl * stride_vi + row[:, None] * stride_vt + rr[None, :]
     vmask = (row[:, None] < end) & (rr[None, :] < rank)
     if SPLIT_K == 1:
@@ -174,6 +177,7 @@ def shrink(x: torch.Tensor, lora_a: Sequence[torch.Tensor], batch: LoRABatch, ze
         x.stride(0), x.stride(1), v.stride(0), v.stride(1), k, r, per_split,
         BLOCK_M=block_m, BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_K=block_k,
         SPLIT_K=split, PRECISION=_precision(x.dtype),
+        UPCAST=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1",
     )
     return v
 

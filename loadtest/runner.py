@@ -223,6 +223,9 @@ async def run(cfg: RunConfig, owned: set[str], on_record: Callable[[dict], None]
     # trust_env=False: only the URL given is ever contacted (no proxy from the environment).
     async with httpx.AsyncClient(base_url=cfg.url, limits=limits, trust_env=False) as client:
         info = await admin.fetch_server_info(client, cfg.api_key)
+        vocab = info.base_info.get("vocab_size")
+        if cfg.prompt_mode == "ids" and vocab and cfg.token_range[1] > int(vocab):
+            raise admin.LoadTestError(f"--token-id-range {cfg.token_range} exceeds the model's vocabulary ({vocab})")
         prefix = f"loadtest-{secrets.token_hex(3)}"
         pool = await _setup_pool(client, cfg, info, owned, prefix)
         if not pool and any(w != "base" for w in cfg.workloads):

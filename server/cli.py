@@ -78,9 +78,7 @@ def main(argv: list[str] | None = None, default_command: str | None = None) -> i
         return 0
     except Exception as exc:  # start-up failures: one line, no traceback
         message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-        from server.api.errors import scrub
-
-        print(f"loramux: error: {scrub(message, limit=1000)}", file=sys.stderr)
+        print(f"loramux: error: {' '.join(str(message).split())}", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -20,7 +20,6 @@ import uvicorn
 from fastapi import FastAPI
 
 from server.api.app import shutdown, startup
-from server.api.errors import scrub
 from server.api.state import ServerState
 
 log = logging.getLogger("loramux.server")
@@ -39,7 +38,8 @@ class DrainingServer(uvicorn.Server):
         try:
             await startup(self.state)
         except Exception as exc:  # model load errors, bad engine settings...
-            self.startup_error = scrub(getattr(exc, "message", None) or str(exc) or type(exc).__name__)
+            message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+            self.startup_error = " ".join(str(message).split())  # one line; the operator may need the path
             self.should_exit = True
             return  # `started` stays False: uvicorn skips its shutdown
         await super().startup(sockets)

@@ -236,3 +236,23 @@ class FakeEngine:
 def make_engine(settings) -> FakeEngine:
     """CLI test hook (`--engine-factory tests.api.fake_engine:make_engine`): slow tokens so drains show."""
     return FakeEngine(token_delay_s=0.02)
+
+
+class FakeLoadError(ValueError):
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+def make_failing_engine(settings) -> FakeEngine:
+    """CLI test hook: a model that fails to load."""
+    raise FakeLoadError("cannot load model 'nope':\n no such file")
+
+
+class _StartFails(FakeEngine):
+    def start(self) -> None:
+        raise RuntimeError("engine thread failed to start")
+
+
+def make_engine_failing_start(settings) -> FakeEngine:
+    return _StartFails()

@@ -155,3 +155,17 @@ def test_models_lists_base_and_adapters(client):
     assert client.get("/v1/models/fake-base").json()["parent"] is None
     r = client.get("/v1/models/ghost")
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_delete_waits_for_in_flight_then_409(make_client, engine):
+    from server.settings import ServerSettings
+
+    client = make_client(ServerSettings(unload_timeout_s=0.1))
+    upload(client, "busy")
+    ref = engine.adapters.acquire("busy")  # a request in flight
+    r = client.delete("/v1/adapters/busy")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "in_use"
+    assert client.get("/v1/adapters/busy").status_code == 200  # still registered
+    engine.adapters.release(ref)
+    assert client.delete("/v1/adapters/busy").json()["deleted"] is True
+    assert client.delete("/v1/adapters/busy").status_code == 404

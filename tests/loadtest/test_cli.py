@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -99,3 +101,20 @@ def test_unreachable_server_one_line_no_traceback(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().startswith("loramux-loadtest: error: cannot reach the server")
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_ctrl_c_deletes_uploaded_adapters(make_stub, tmp_path):
+    stub = make_stub(ttft_s=0.0, itl_s=0.01)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loadtest", "--url", stub.url, "--upload-synthetic", "3", "--rank", "2",
+         "--concurrency", "2", "--requests", "500", "--max-tokens", "20", "--out", str(tmp_path), "--no-progress"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 30
+    while len(stub.completions) < 4 and time.monotonic() < deadline:  # traffic is flowing
+        time.sleep(0.02)
+    assert len(stub.adapters) == 3
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    assert stub.adapters == {}
