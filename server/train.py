@@ -30,11 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adapters.spec import MODULE_PARENT, MODULES
 from server.model.context import ForwardContext, get_context
 from server.model.rope import apply_rotary
 
-MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-PARENT = {"o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 DEFAULT_HF_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded GGUF was converted from
 
 
@@ -44,6 +43,9 @@ class TrainDataError(ValueError):
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """What to train and how: LoRA shape (rank, alpha = scaling * rank, HF target modules) and the
+    optimiser schedule (AdamW, `warmup` linear steps then cosine down to 10% of `lr`)."""
+
     rank: int = 8
     alpha: float = 16.0
     target_modules: tuple[str, ...] = MODULES
@@ -210,7 +212,7 @@ def peft_weights(wrappers) -> dict[str, torch.Tensor]:
     out = {}
     for layer, w in wrappers:
         for name in w.lora_A:
-            prefix = f"base_model.model.model.layers.{layer}.{PARENT.get(name, 'self_attn')}.{name}"
+            prefix = f"base_model.model.model.layers.{layer}.{MODULE_PARENT[name]}.{name}"
             out[f"{prefix}.lora_A.weight"] = w.lora_A[name].detach().float().cpu().contiguous()
             out[f"{prefix}.lora_B.weight"] = w.lora_B[name].detach().float().cpu().contiguous()
     return out
@@ -237,9 +239,10 @@ def batch_loss(model, batch: Sequence[Example], pad_id: int) -> torch.Tensor:
     ids, mask, ctx = batch_context(batch, pad_id, device)
     hidden = model(ids, ctx)  # [B*S, hidden]
     S = ctx.query_lens[0]
-    # Row t predicts token t+1 of the same sequence: shift within each sequence.
-    pred = mask.view(-1, S)[:, 1:].nonzero()  # [N, 2] (seq, target position)
-    rows = pred[:, 0] * S + pred[:, 1] - 1
+    # Row t predicts token t+1 of the same sequence: column c of mask[:, 1:] is target position
+    # c + 1, predicted by flat row seq * S + c.
+    pred = mask.view(-1, S)[:, 1:].nonzero()  # [N, 2] (seq, c)
+    rows = pred[:, 0] * S + pred[:, 1]
     logits = model.compute_logits(hidden.index_select(0, rows))  # [N, vocab] fp32
     return F.cross_entropy(logits, ids[rows + 1])
 
@@ -352,6 +355,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="auto", help="auto (bf16 where native, else fp32) | float32 | bfloat16")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--save-dtype", default="float16", choices=["float16", "float32"])
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--upload", metavar="URL", help="hot-upload the result to a running server")
@@ -369,7 +373,11 @@ def run_train(args: argparse.Namespace) -> int:
         modules = tuple(m.strip() for m in args.target_modules.split(",") if m.strip())
         cfg = TrainConfig(rank=args.rank, alpha=args.alpha, target_modules=modules, steps=args.steps, lr=args.lr,
                           batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed)
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out!r} exists and is not a directory")
         records = read_jsonl(args.data)
+        if args.threads > 0:  # on shared CPUs one thread can beat two that spin against other jobs
+            torch.set_num_threads(args.threads)
         loaded = load_model(args.model, "float32", args.device)
         autocast = use_autocast(loaded.device, args.dtype)
         if autocast:  # bf16 base weights: what the server runs, and no per-step weight casts

@@ -29,6 +29,8 @@ def world(tmp_path_factory):
     pytest.importorskip("peft")
     from server.model.loader import load_model
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: extra threads only spin against other jobs on a shared box
     root = tmp_path_factory.mktemp("tiny")
     save_tiny_hf(root / "base", "untied")
     data = root / "data.jsonl"
@@ -37,7 +39,8 @@ def world(tmp_path_factory):
     examples = T.tokenize_records(loaded.tokenizer, _records(), CFG.seq_len)
     result = T.train_lora(loaded.model, examples, CFG)
     out = T.save_peft(root / "adapter", result.weights, CFG, str(root / "base"), torch.float32)
-    return root, loaded, examples, result, out
+    yield root, loaded, examples, result, out
+    torch.set_num_threads(threads)
 
 
 def _hf(root):
@@ -112,6 +115,19 @@ def test_peft_logits_equal_our_server_and_training_forward(world, tmp_path):
             got = trained.model.compute_logits(hidden[i * S : i * S + len(ex.ids)])
             want = peft_model(torch.tensor(ex.ids)[None]).logits[0]
             assert (got - want).abs().max() <= 1e-4, i
+
+    # ... and its loss is PEFT's own causal-LM loss on the same padded batch (labels -100 off-target).
+    batch = [examples[1], examples[8], examples[15]]
+    S = max(len(e.ids) for e in batch)
+    pad = [[0] * (S - len(e.ids)) for e in batch]
+    hf_ids = torch.tensor([e.ids + p for e, p in zip(batch, pad, strict=True)])
+    labels = torch.tensor([[t if m else -100 for t, m in zip(e.ids, e.mask, strict=True)] + [-100] * len(p)
+                           for e, p in zip(batch, pad, strict=True)])
+    with torch.no_grad():
+        attention = torch.tensor([[1] * len(e.ids) + [0] * len(p) for e, p in zip(batch, pad, strict=True)])
+        want = peft_model(input_ids=hf_ids, attention_mask=attention, labels=labels).loss
+        got = T.batch_loss(trained.model, batch, pad_id=0)
+    assert abs(float(got) - float(want)) <= 1e-5, (float(got), float(want))
 
 
 def test_cli_trains_saves_and_peft_loads(world, tmp_path, capsys):
