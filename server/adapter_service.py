@@ -45,8 +45,10 @@ class AdapterService:
     def info(self, ref: AdapterRef) -> AdapterInfo:
         return to_info(ref)
 
-    def upload(self, name: str, config_bytes: bytes, weights_bytes: bytes, replace: bool = False) -> AdapterInfo:
-        return to_info(self.manager.upload(name, config_bytes, weights_bytes, replace=replace))
+    def upload(self, name: str, config_bytes: bytes, weights_bytes: bytes, replace: bool = False,
+               weights_filename: str = "adapter_model.safetensors") -> AdapterInfo:
+        return to_info(self.manager.upload(name, config_bytes, weights_bytes, replace=replace,
+                                           weights_filename=weights_filename))
 
     def delete(self, name: str, timeout_s: float) -> None:
         self.manager.unload(name, timeout_s)

@@ -57,7 +57,9 @@ class AdapterManagerLike(Protocol):
 
     def info(self, ref: Any) -> AdapterInfo: ...
 
-    def upload(self, name: str, config_bytes: bytes, weights_bytes: bytes, replace: bool = False) -> AdapterInfo: ...
+    def upload(self, name: str, config_bytes: bytes, weights_bytes: bytes, replace: bool = False,
+               weights_filename: str = "adapter_model.safetensors") -> AdapterInfo:
+        """`weights_filename` is the client's name for the weights file: checked, never used as a path."""
 
     def delete(self, name: str, timeout_s: float) -> None: ...
 

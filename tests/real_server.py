@@ -3,33 +3,43 @@
 Data flow: `save_tiny_model(dir)` writes the tiny random Llama of `tests/model/tiny.py` (byte-level
 tokenizer, vocab 256, chat template) with a longer position limit, so streams can outlast adapter
 uploads -> `real_settings(...)` + `build_async_engine(settings)` wire model, adapter manager, slot
-pool, scheduler and runner exactly as `loramux serve` does -> `tests.api.live.LiveServer` puts the
-real app on a real uvicorn socket.
+pool, scheduler and runner exactly as `loramux serve` does -> `tiny_server(...)` puts the real app
+on a real uvicorn socket (`tests.api.live.LiveServer`).
 
 The independent references: `merged_model(...)` loads a second, plain copy of the model and folds
 each adapter into the base weights (W += scaling * B @ A, no LoRA kernels, no slots), and
 `greedy_generate` runs it through its own KV cache; `expected_text(...)` says which text the
-server's incremental detokenizer must have produced for a list of generated ids.
+server's incremental detokenizer must have produced for a list of generated ids. `World` bundles a
+running server with those references; `bad_uploads` builds one upload per validation error code;
+`BackgroundStreams` keeps base-model traffic flowing while a test changes adapters.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import pickle
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import torch
 from safetensors.torch import save
+from tokenizers import Tokenizer
 
 from server.engine_builder import build_async_engine
 from server.model.generate import greedy_generate
 from server.model.loader import LoadedModel, load_model
 from server.settings import ServerSettings
-from tests.adapters.helpers import key, make_config, make_tensors
+from tests.adapters.helpers import key, make_config, make_tensors, raw_safetensors
+from tests.api.live import LiveServer
 from tests.model.tiny import save_tiny_hf
 
 MAX_POSITIONS = 1024  # tiny.py says 64; default RoPE does not depend on it, so streams can be long
+N = 24  # tokens per checked answer
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -54,6 +64,14 @@ def real_settings(model_dir: Path, adapter_dir: Path, **overrides) -> ServerSett
 def build_engine(settings: ServerSettings):
     """The real AsyncEngine (not started): the same wiring `loramux serve` uses."""
     return build_async_engine(settings)
+
+
+@contextlib.contextmanager
+def tiny_server(model_dir: Path, adapter_dir: Path, **overrides) -> Iterator[LiveServer]:
+    """The real app + real engine on a real uvicorn socket (127.0.0.1, free port); `.engine` is it."""
+    settings = real_settings(model_dir, adapter_dir, **overrides)
+    with LiveServer(build_engine(settings), settings) as live:
+        yield live
 
 
 # --- adapters ---------------------------------------------------------------------------------------
@@ -109,6 +127,68 @@ def expected_text(tokenizer, ids: Sequence[int]) -> str:
     """Text the server streams for `ids`: the full decode, minus trailing U+FFFD (bytes of an
     unfinished UTF-8 character are held back and never flushed; random bytes often end that way)."""
     return tokenizer.decode(list(ids)).rstrip("\ufffd")
+
+
+@dataclass
+class World:
+    """One running server with what the tests check it against (reference models, files on disk)."""
+
+    live: LiveServer
+    engine: object
+    model_dir: Path
+    adapter_dir: Path
+    spec: object
+    tok: Tokenizer  # the raw tokenizer file, not the server's wrapper
+    alpha: dict  # tensors of the adapter "alpha" the fixture registered
+    refs: list = field(default_factory=list)  # (tensors or None, reference model): identity-keyed cache
+
+    @property
+    def http(self) -> httpx.Client:
+        return httpx.Client(base_url=self.live.url, timeout=60)
+
+    def on_disk(self) -> list[str]:
+        return sorted(p.name for p in self.adapter_dir.iterdir())
+
+    def expected(self, prompt: list[int], n: int = N, tensors: dict | None = None) -> str:
+        """The text the server must send: greedy ids of the merged reference, detokenized."""
+        model = next((m for t, m in self.refs if t is tensors), None)
+        if model is None:
+            model = merged_model(self.model_dir, tensors)
+            self.refs.append((tensors, model))  # holding `tensors` keeps the identity unique
+        return expected_text(self.tok, reference_ids(model, prompt, n))
+
+
+def content_sha(config: bytes, weights: bytes) -> str:
+    """The adapter's content hash as documented in adapters/validate.py: sha256 of 'config:weights' hashes."""
+    c, w = hashlib.sha256(config).hexdigest(), hashlib.sha256(weights).hexdigest()
+    return hashlib.sha256(f"{c}:{w}".encode()).hexdigest()
+
+
+def bad_uploads(spec) -> list[tuple[str, dict]]:
+    """(expected error code, upload kwargs) for each validation failure that is cheap to build."""
+    good_cfg, good_w, tensors = adapter_files(spec, r=4)
+    nan = dict(tensors)
+    first = next(iter(nan))
+    nan[first] = nan[first].clone()
+    nan[first][0, 0] = float("nan")
+    one_missing = {k: v for i, (k, v) in enumerate(tensors.items()) if i != 1}  # drops a lora_B
+    return [
+        ("not_safetensors", multipart("bad1", good_cfg, pickle.dumps({"w": [1.0]}, protocol=2),
+                                      weights_name="adapter_model.bin")),
+        # Valid safetensors bytes under a pickle-style name: refused by name, never parsed.
+        ("not_safetensors", multipart("bad1b", good_cfg, good_w, weights_name="adapter_model.pt")),
+        ("bad_dtype", multipart("bad2", good_cfg, save({k: v.double() for k, v in tensors.items()}))),
+        ("non_finite", multipart("bad3", good_cfg, save(nan))),
+        ("rank_too_large", multipart("bad4", make_config(r=32, alpha=64), save(make_tensors(spec=spec, r=32)))),
+        ("shape_mismatch", multipart("bad5", make_config(r=8, alpha=16), good_w)),
+        ("unknown_module", multipart("bad6", good_cfg, save(make_tensors(spec=spec, r=4, layers=[0, 5])))),
+        ("unsupported_feature", multipart("bad7", make_config(r=4, alpha=8, use_dora=True), good_w)),
+        ("bad_config", multipart("bad8", b"{not json", good_w)),
+        ("bad_name", multipart("../etc", good_cfg, good_w)),
+        ("missing_weight", multipart("bad9", good_cfg, save(one_missing))),
+        ("header_too_large", multipart("bad10", good_cfg, raw_safetensors({}, b"", length=1 << 40))),
+        ("empty_adapter", multipart("bad11", good_cfg, save({}))),
+    ]
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02) -> bool:

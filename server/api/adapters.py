@@ -57,7 +57,10 @@ async def upload_adapter(
         raise service_unavailable("server is shutting down", code="server_draining", retry_after_s=5)
     config_bytes = await config.read()
     weights_bytes = await weights.read()
-    info = await _call(None, engine.adapters.upload, name, config_bytes, weights_bytes, replace)
+    # The client's file name is only looked at, never used as a path: a pickle-style name
+    # (.bin/.pt/.pth/.ckpt) is refused without its bytes being parsed.
+    filename = (weights.filename or "adapter_model.safetensors").rsplit("/", 1)[-1][:255]
+    info = await _call(None, engine.adapters.upload, name, config_bytes, weights_bytes, replace, filename)
     return adapter_json(info)
 
 

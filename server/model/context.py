@@ -8,6 +8,7 @@ with `use_context` so that deep modules (paged attention, LoRA-aware linears) re
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -39,19 +40,30 @@ class ForwardContext:
         return all(q == 1 for q in self.query_lens)
 
 
-_CURRENT: list[ForwardContext] = []
+# Per thread: two models running forward in two threads of one process (the engine thread and a
+# reference model in a test, or two engines) must never read each other's step context.
+_LOCAL = threading.local()
+
+
+def _stack() -> list[ForwardContext]:
+    stack = getattr(_LOCAL, "stack", None)
+    if stack is None:
+        stack = _LOCAL.stack = []
+    return stack
 
 
 @contextlib.contextmanager
 def use_context(ctx: ForwardContext) -> Iterator[ForwardContext]:
-    """Install `ctx` for the duration of one forward pass."""
-    _CURRENT.append(ctx)
+    """Install `ctx` for the duration of one forward pass (in the calling thread)."""
+    stack = _stack()
+    stack.append(ctx)
     try:
         yield ctx
     finally:
-        _CURRENT.pop()
+        stack.pop()
 
 
 def get_context() -> ForwardContext:
-    assert _CURRENT, "no ForwardContext installed: call the model through LlamaForCausalLM.forward"
-    return _CURRENT[-1]
+    stack = _stack()
+    assert stack, "no ForwardContext installed: call the model through LlamaForCausalLM.forward"
+    return stack[-1]

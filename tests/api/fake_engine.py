@@ -106,7 +106,8 @@ class FakeAdapterManager:
     def info(self, ref: FakeRef) -> AdapterInfo:
         return self.get(ref.name)
 
-    def upload(self, name: str, config_bytes: bytes, weights_bytes: bytes, replace: bool = False) -> AdapterInfo:
+    def upload(self, name: str, config_bytes: bytes, weights_bytes: bytes, replace: bool = False,
+               weights_filename: str = "adapter_model.safetensors") -> AdapterInfo:
         rank, targets = self._validate(name, config_bytes, weights_bytes)
         time.sleep(self.upload_delay_s)  # "validation and writing", outside the lock
         import hashlib
