@@ -29,6 +29,9 @@ IMPLS = ("auto", "embbag", "gather", "segments", "dense")
 # row-table layout, "segments" beats "gather" from ~8 rows per segment.
 SEG_LONG_ROWS = 32
 SEG_MIN_ROWS = 8
+# With the row-table layout: per-segment fused GEMMs once segments average this many rows, else
+# the fused embedding_bag path (measured, docs/kernels.md).
+SEG_FUSED_ROWS = 48
 
 
 class _Plan:
@@ -209,6 +212,18 @@ def _embbag_fused(y, x, a_tab, b_tabs, scaling, plan: _Plan, out_slices, r: int)
                                                   per_sample_weights=w[i].view(-1))
 
 
+def _segments_fused(y, x, a_tab, b_tabs, scaling, plan: _Plan, out_slices, r: int) -> None:
+    """Few/long segments: per segment one GEMM for the shrink of all slices (the slot's A rows are
+    one [in, n*r] block of the row table) and one addmm per slice into y (B rows are [r, out_i])."""
+    n = len(b_tabs)
+    k = a_tab.shape[0] // scaling.shape[1]  # in_features
+    for slot, start, end in plan.segs:
+        v = x[start:end] @ a_tab[slot * k : (slot + 1) * k]  # [rows, n*r]
+        w = v.view(end - start, n, r) * scaling[:, slot].to(v.dtype)[None, :, None]
+        for i, (off, size) in enumerate(out_slices):
+            y[start:end, off : off + size].addmm_(w[:, i], b_tabs[i][slot * r : (slot + 1) * r])
+
+
 def add_lora(y, x, lora_a, lora_b, scaling, batch: LoRABatch, out_slices, impl: str = "auto") -> None:
     """The CPU add-on for one fused projection: shrink then expand, v kept in x.dtype."""
     if not batch.has_lora:
@@ -217,8 +232,9 @@ def add_lora(y, x, lora_a, lora_b, scaling, batch: LoRABatch, out_slices, impl: 
     if impl == "auto":
         a_tab, b_tabs = _row_tables(lora_a, lora_b)
         n_seg, rows = len(plan.segs), len(plan.rows)
-        if a_tab is not None and n_seg > 1 and rows < SEG_LONG_ROWS * n_seg:
-            _embbag_fused(y, x, a_tab, b_tabs, scaling, plan, out_slices, lora_a[0].shape[1])
+        if a_tab is not None:
+            fn = _segments_fused if rows >= SEG_FUSED_ROWS * n_seg else _embbag_fused
+            fn(y, x, a_tab, b_tabs, scaling, plan, out_slices, lora_a[0].shape[1])
             return
         impl = choose(plan, lora_a, lora_b)
     v = shrink(x, lora_a, plan, impl)
