@@ -61,7 +61,7 @@ class AsyncEngine:
     """Implements `server.engine_client.EngineClient` around an `LLMEngine`."""
 
     def __init__(self, engine: LLMEngine, adapters: Any, model_name: str, info: dict[str, Any],
-                 max_model_len: int, max_waiting: int) -> None:
+                 max_model_len: int, max_waiting: int, step_stall_s: float = 60.0) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.adapters = adapters
@@ -69,6 +69,7 @@ class AsyncEngine:
         self._info = info
         self.max_model_len = max_model_len
         self.max_waiting = max_waiting
+        self.step_stall_s = step_stall_s  # a step running longer than this counts as a stalled loop
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._collectors: dict[str, tuple[asyncio.AbstractEventLoop, _Collector]] = {}
@@ -171,9 +172,14 @@ class AsyncEngine:
                 "scheduled_sequences": c.scheduled_sequences,
                 "running_adapters": running,
                 "waiting_adapters": waiting,
-                "step_loop_alive": self._thread is not None and self._thread.is_alive(),
+                "step_loop_alive": self._loop_alive(),
                 "last_step_age_s": time.monotonic() - self.last_step_time,
             }
+
+    def _loop_alive(self) -> bool:
+        """The thread runs and its last step (or idle tick) is recent: /ready turns 503 otherwise."""
+        alive = self._thread is not None and self._thread.is_alive()
+        return alive and (self.step_stall_s <= 0 or time.monotonic() - self.last_step_time < self.step_stall_s)
 
     # --- the engine thread -------------------------------------------------------------------------
     def _loop(self) -> None:

@@ -132,4 +132,5 @@ def build_async_engine(settings) -> AsyncEngine:
         info=model_info(loaded, settings.max_lora_rank),
         max_model_len=engine.scheduler.cfg.max_model_len,
         max_waiting=settings.max_waiting,
+        step_stall_s=settings.step_stall_s,
     )

@@ -193,3 +193,43 @@ def test_async_engine_streams_and_cancel_aborts(world):
         assert st["kv_blocks_used"] == 0 and st["running"] == 0
     finally:
         aeng.shutdown(0)
+
+
+def test_stalled_step_loop_is_reported_not_alive(world):
+    """/ready relies on stats()["step_loop_alive"]: a step stuck past step_stall_s must flip it."""
+    import threading
+    import time
+
+    root, manager = world
+    engine = _engine(world)
+    aeng = AsyncEngine(engine, None, "tiny", {}, max_model_len=64, max_waiting=8, step_stall_s=0.3)
+    release = threading.Event()
+    real_step = engine.step
+
+    def stuck_step(lock=None):
+        release.wait(5)  # a step that hangs until the test lets it go
+        return real_step(lock)
+
+    engine.step = stuck_step
+    aeng.start()
+    try:
+        assert aeng.stats()["step_loop_alive"]
+
+        async def submit():
+            agen = aeng.generate("s", [5, 6, 7], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+            return [d async for d in agen]
+
+        result: list = []
+        th = threading.Thread(target=lambda: result.append(asyncio.run(submit())))
+        th.start()
+        deadline = time.monotonic() + 5
+        while aeng.stats()["step_loop_alive"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not aeng.stats()["step_loop_alive"]
+        release.set()
+        th.join(10)
+        assert result and result[0][-1].finished
+        assert aeng.stats()["step_loop_alive"]
+    finally:
+        release.set()
+        aeng.shutdown(0)
