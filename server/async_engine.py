@@ -18,9 +18,11 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 from typing import Any
 
 from server.engine import LLMEngine
+from server.engine_thread import EngineThread
 from server.outputs import CompletionDelta
 from server.sampling_params import SamplingParams
 
@@ -61,7 +63,8 @@ class AsyncEngine:
     """Implements `server.engine_client.EngineClient` around an `LLMEngine`."""
 
     def __init__(self, engine: LLMEngine, adapters: Any, model_name: str, info: dict[str, Any],
-                 max_model_len: int, max_waiting: int, step_stall_s: float = 60.0) -> None:
+                 max_model_len: int, max_waiting: int, step_stall_s: float = 60.0,
+                 worker: EngineThread | None = None) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.adapters = adapters
@@ -73,7 +76,9 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._collectors: dict[str, tuple[asyncio.AbstractEventLoop, _Collector]] = {}
-        self._thread: threading.Thread | None = None
+        # The step loop runs on `worker` (the thread that loaded the model, see engine_thread.py).
+        self._worker = worker
+        self._loop_future: Future | None = None
         self._stop = False
         self._ready = False
         self.last_step_time = time.monotonic()
@@ -81,11 +86,12 @@ class AsyncEngine:
 
     # --- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
-        if self._thread is not None:
+        if self._loop_future is not None:
             return
         self._stop = False
-        self._thread = threading.Thread(target=self._loop, name="loramux-engine", daemon=True)
-        self._thread.start()
+        if self._worker is None or not self._worker.is_alive():
+            self._worker = EngineThread()
+        self._loop_future = self._worker.submit(self._loop)
         self._ready = True
 
     def shutdown(self, drain_timeout_s: float = 0.0) -> None:
@@ -102,12 +108,19 @@ class AsyncEngine:
                 self.engine.abort(rid)
             self._stop = True
             self._wake.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
+        if self._loop_future is not None:
+            with contextlib.suppress(Exception):
+                self._loop_future.result(timeout=30)
+            self._loop_future = None
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None
 
     def is_ready(self) -> bool:
-        return self._ready and self._thread is not None and self._thread.is_alive()
+        return self._ready and self._loop_running()
+
+    def _loop_running(self) -> bool:
+        return self._loop_future is not None and not self._loop_future.done()
 
     def queue_full(self) -> bool:
         return self.engine.scheduler.num_waiting >= self.max_waiting
@@ -178,8 +191,7 @@ class AsyncEngine:
 
     def _loop_alive(self) -> bool:
         """The thread runs and its last step (or idle tick) is recent: /ready turns 503 otherwise."""
-        alive = self._thread is not None and self._thread.is_alive()
-        return alive and (self.step_stall_s <= 0 or time.monotonic() - self.last_step_time < self.step_stall_s)
+        return self._loop_running() and (self.step_stall_s <= 0 or time.monotonic() - self.last_step_time < self.step_stall_s)
 
     # --- the engine thread -------------------------------------------------------------------------
     def _loop(self) -> None:

@@ -21,6 +21,7 @@ from server.adapter_service import AdapterService
 from server.async_engine import AsyncEngine
 from server.config import CacheConfig, LoRASettings, SchedulerConfig, check_compatible
 from server.engine import LLMEngine
+from server.engine_thread import EngineThread
 from server.model.loader import LoadedModel, load_model
 from server.model.lora import attach_lora
 from server.runner import ModelRunner, kv_bytes_per_block
@@ -109,6 +110,16 @@ def _num_blocks(loaded: LoadedModel, kv_cache_tokens: int | None, block_size: in
 
 
 def build_async_engine(settings) -> AsyncEngine:
+    """Load and wire everything on a fresh engine thread, which then runs the step loop."""
+    worker = EngineThread()
+    try:
+        return worker.call(lambda: _build_async_engine(settings, worker))
+    except BaseException:
+        worker.stop()
+        raise
+
+
+def _build_async_engine(settings, worker: EngineThread) -> AsyncEngine:
     loaded = load_model(settings.model, settings.dtype, settings.device)
     spec = base_spec(loaded)
     adapter_dir = settings.adapter_dir or str(Path(tempfile.gettempdir()) / "loramux-adapters")
@@ -133,4 +144,5 @@ def build_async_engine(settings) -> AsyncEngine:
         max_model_len=engine.scheduler.cfg.max_model_len,
         max_waiting=settings.max_waiting,
         step_stall_s=settings.step_stall_s,
+        worker=worker,
     )
