@@ -19,7 +19,7 @@ import torch
 
 from kernels.batch import LoRABatch
 from server.model.attention import allocate_kv_cache
-from server.model.context import ForwardContext
+from server.model.generate import make_context
 from server.model.llama import LlamaForCausalLM
 from server.outputs import TokenLogprob
 from server.sampler import Sampler, SamplingMetadata, make_generator
@@ -113,46 +113,23 @@ class ModelRunner:
         return gen
 
     def _build_inputs(self, order: list[ScheduledRequest], slot_of):
-        bs = self.block_size
+        """Flatten the step: token ids, one ForwardContext (+ LoRABatch), rows that sample."""
         ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
+        positions: list[list[int]] = []
+        tables: list[list[int]] = []
         token_slots: list[int] = []
-        query_lens: list[int] = []
-        context_lens: list[int] = []
-        tables: list[tuple[int, ...]] = []
         sample_rows: list[tuple[int, ScheduledRequest]] = []
         for sr in order:
-            n, start, table = sr.num_new_tokens, sr.start, sr.block_ids
             ids.extend(sr.token_ids)
-            pos = range(start, start + n)
-            positions.extend(pos)
-            slot_mapping.extend(table[p // bs] * bs + p % bs for p in pos)
-            token_slots.extend([slot_of(sr)] * n)
-            query_lens.append(n)
-            context_lens.append(start + n)
-            tables.append(table)
+            positions.append(list(range(sr.start, sr.start + sr.num_new_tokens)))
+            tables.append(list(sr.block_ids))
+            token_slots.extend([slot_of(sr)] * sr.num_new_tokens)
             if sr.do_sample:
                 sample_rows.append((len(ids) - 1, sr))
-        width = max(len(t) for t in tables)
-        padded = [list(t) + [0] * (width - len(t)) for t in tables]  # [num_seqs, max_blocks]
-        starts = [0]
-        for q in query_lens:
-            starts.append(starts[-1] + q)
-        dev = self.device
-        lora = LoRABatch.build(token_slots, dev) if any(s >= 0 for s in token_slots) else None
-        ctx = ForwardContext(
-            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
-            slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=dev),
-            query_lens=query_lens,
-            context_lens=context_lens,
-            block_tables=torch.tensor(padded, dtype=torch.int32, device=dev),
-            query_start_loc=torch.tensor(starts, dtype=torch.int64, device=dev),
-            context_lens_t=torch.tensor(context_lens, dtype=torch.int64, device=dev),
-            block_size=bs,
-            lora=lora,
-        )
-        return ctx, torch.tensor(ids, dtype=torch.int64, device=dev), sample_rows
+        ctx = make_context(positions, tables, self.block_size, self.device)
+        if any(s >= 0 for s in token_slots):
+            ctx.lora = LoRABatch.build(token_slots, self.device)
+        return ctx, torch.tensor(ids, dtype=torch.int64, device=self.device), sample_rows
 
 
 def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
