@@ -27,6 +27,15 @@ from adapters.validate import LoadedAdapter
 from kernels.layout import alloc_lora_a, alloc_lora_b
 
 
+class SlotLoadError(RuntimeError):
+    """Making one adapter version resident failed (e.g. its stored files no longer match). `ref`
+    names it, so the engine can fail that adapter's requests and let the step's others go on."""
+
+    def __init__(self, ref, cause: BaseException):
+        super().__init__(f"could not load adapter {getattr(ref, 'name', ref)!r}: {cause}")
+        self.ref = ref
+
+
 class SlotPool:
     def __init__(
         self,
@@ -99,7 +108,10 @@ class SlotPool:
                     out[ref_id] = slot
                     continue
                 slot = self._claim_slot(protected=wanted.keys())
-            self._load(ref, slot)  # registers ref_id -> slot when the copy is done
+            try:
+                self._load(ref, slot)  # registers ref_id -> slot when the copy is done
+            except Exception as exc:  # the claimed slot stays unregistered, i.e. free
+                raise SlotLoadError(ref, exc) from exc
             out[ref_id] = slot
         return out
 

@@ -14,11 +14,13 @@ killing the engine.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
 
+from adapters.slots import SlotLoadError
 from server.outputs import CompletionDelta, RequestOutput, TokenLogprob
 from server.request import Request, RequestStatus
 from server.runner import ModelRunner
@@ -108,6 +110,18 @@ class LLMEngine:
             }
         try:
             result = self.runner.execute(sched_out, refs)
+        except SlotLoadError as exc:  # one adapter cannot be loaded: fail its requests only
+            log.warning("adapter load failed: %s", exc)
+            with guard:
+                key = exc.ref.id
+                live = [sr for sr in sched_out.scheduled if not sr.request.is_finished]
+                bad = [sr.request_id for sr in live if sr.request.adapter_key == key]
+                self.scheduler.finish_requests(bad, RequestStatus.FINISHED_ERROR, error=str(exc))
+                self.scheduler.requeue([sr.request_id for sr in live if sr.request.adapter_key != key])
+                outs = self.scheduler.update_from_output(dataclasses.replace(sched_out, scheduled=[]), {})
+                outs += [RequestOutput(i, [], None, True, "error", f"adapter {exc.ref.name!r} could not be loaded")
+                         for i in bad]
+                return self._process(outs)
         except Exception as exc:  # a failed step fails its requests, never the engine
             log.exception("engine step failed")
             with guard:

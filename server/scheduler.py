@@ -150,6 +150,14 @@ class Scheduler:
             req.error = error
             self._finish(req, status)
 
+    def requeue(self, request_ids: str | Iterable[str]) -> None:
+        """Undo the current step for these running requests (the engine could not run it): they
+        are preempted, i.e. recomputed later, since their KV for this step was never written."""
+        for req in self._lookup(request_ids):
+            if req.status == RequestStatus.RUNNING:
+                self.running.remove(req)
+                self._preempt(req)
+
     # --- one step ------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         self.step += 1

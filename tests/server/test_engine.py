@@ -233,3 +233,34 @@ def test_stalled_step_loop_is_reported_not_alive(world):
     finally:
         release.set()
         aeng.shutdown(0)
+
+
+def test_adapter_that_cannot_load_fails_only_its_requests(world, tmp_path):
+    """A stored adapter whose files no longer match its hash (changed behind the server's back)
+    fails its own requests with an error; the step's other requests are recomputed and finish
+    with exactly the tokens they get alone."""
+    from safetensors.torch import save
+
+    root, shared = world
+    manager = AdapterManager(tmp_path, shared.spec)
+    files = {}
+    for i, name in enumerate(("good", "bad")):
+        tensors = {k: v * 3.0 for k, v in make_tensors(spec=manager.spec, r=4, seed=40 + i).items()}
+        files[name] = (make_config(r=4, alpha=8), save(tensors))
+        manager.upload(name, *files[name])
+    # The store now holds other weights than the ones registered: loading "bad" must fail.
+    (tmp_path / "bad" / "adapter_model.safetensors").write_bytes(files["good"][1])
+
+    reqs = [("base", [9, 8, 7, 6], None, 6), ("g", [5, 4, 3], "good", 6), ("b", [7, 7, 7, 7, 7], "bad", 6)]
+    engine = build_llm_engine(load_model(root, dtype="float32", device="cpu"), manager=manager,
+                              kv_cache_tokens=1024, block_size=4)
+    out = _run(engine, manager, reqs)
+    assert out["b"][2] == "error" and out["b"][0] == []
+    assert engine.scheduler.num_preemptions >= 2  # base and good were recomputed, not dropped
+    for rid in ("base", "g"):
+        alone_engine = build_llm_engine(load_model(root, dtype="float32", device="cpu"), manager=manager,
+                                        kv_cache_tokens=1024, block_size=4)
+        alone = _run(alone_engine, manager, [r for r in reqs if r[0] == rid])[rid]
+        assert out[rid][0] == alone[0] and out[rid][2] == "length", rid
+    bm = engine.scheduler.block_manager
+    assert bm.num_free_blocks == bm.num_blocks and not engine.has_unfinished()
