@@ -31,6 +31,7 @@ from adapters.registry import AdapterRegistry
 from adapters.spec import MODULES
 from adapters.validate import ValidationLimits, validate_adapter
 from server.engine_builder import base_spec, build_llm_engine
+from server.model.cpu_linear import prepack_supported
 from server.model.loader import LoadedModel, load_model
 from server.sampling_params import SamplingParams
 
@@ -64,11 +65,16 @@ def _best_time(fn, device, reps=5) -> float:
 
 
 def measure_rates(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
-    """Matmul FLOP/s in `dtype` and memory read bytes/s (the best of a reduction and a copy)."""
+    """Matmul FLOP/s in `dtype` (the best of `a @ b` and, on CPU, a oneDNN pre-packed linear, which
+    the engine uses) and memory read bytes/s (the best of a reduction and a copy)."""
     n = 4096 if device.type == "cuda" else 1536
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     flops = 2 * n**3 / _best_time(lambda: a @ b, device)
+    if prepack_supported(device, dtype):  # the engine's own CPU linears: count their rate if higher
+        packed = torch.ops.mkldnn._reorder_linear_weight(b, n)
+        flops = max(flops, 2 * n**3 / _best_time(
+            lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""), device))
     numel = (1 << 30 if device.type == "cuda" else 1 << 27) // 4  # 1 GiB / 128 MiB of fp32
     x = torch.rand(numel, device=device)
     y = torch.empty_like(x)

@@ -22,6 +22,7 @@ from server.async_engine import AsyncEngine
 from server.config import CacheConfig, LoRASettings, SchedulerConfig, check_compatible
 from server.engine import LLMEngine
 from server.engine_thread import EngineThread
+from server.model.cpu_linear import prepack_linears
 from server.model.loader import LoadedModel, load_model
 from server.model.lora import attach_lora
 from server.runner import ModelRunner, kv_bytes_per_block
@@ -86,6 +87,9 @@ def build_llm_engine(
         max_waiting=max_waiting,
         starvation_steps=starvation_steps,
     )
+    packed = prepack_linears(model, batch_hint=max_num_seqs)  # CPU only; a no-op elsewhere
+    if packed:
+        log.info("pre-packed %d linear weights for oneDNN", packed)
     pool = None
     if manager is not None:
         lora = LoRASettings(max_slots=max_slots, max_lora_rank=max_lora_rank,

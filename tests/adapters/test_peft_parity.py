@@ -92,6 +92,7 @@ def _run(model, prompts, token_slots, device):
 BACKEND_CASES = [
     ("reference", "cpu", 1e-4),
     ("torch", "cpu", 1e-4),
+    ("torch+prepack", "cpu", 1e-4),  # the engine's CPU set-up: base linears pre-packed for oneDNN
     pytest.param("triton", "cuda", 2e-3, marks=pytest.mark.gpu),
 ]
 
@@ -102,6 +103,11 @@ def test_mixed_batch_matches_peft_and_merged_weights(world, backend, device, ato
 
     root, prompts, expected = world
     model = _our_model(root, device)
+    if backend == "torch+prepack":
+        from server.model.cpu_linear import prepack_linears
+
+        assert prepack_linears(model) > 0
+        backend = "torch"
     spec = BaseModelSpec(num_layers=model.config.num_hidden_layers, module_dims=model.config.projection_dims())
     registry = AdapterRegistry()
     for name in ADAPTERS:

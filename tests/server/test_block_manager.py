@@ -80,3 +80,16 @@ def test_bad_sizes_raise_value_error():
         BlockManager(0, 16)
     with pytest.raises(ValueError, match="block_size"):
         BlockManager(4, 0)
+
+
+def test_freed_blocks_are_reused_first():
+    """LIFO reuse keeps the KV working set small: a finished request's blocks go to the next one."""
+    bm = BlockManager(num_blocks=64, block_size=4)
+    a = _req("a")
+    bm.allocate_for(a, 12)
+    first = list(a.block_ids)
+    assert first == [0, 1, 2]  # a fresh pool hands out low block ids first
+    bm.free(a)
+    b = _req("b")
+    bm.allocate_for(b, 12)
+    assert b.block_ids == first  # same blocks, same order

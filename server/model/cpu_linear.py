@@ -1,0 +1,69 @@
+"""CPU inference linears with weights pre-packed once for oneDNN (what Inductor's CPU freezing does).
+
+`F.linear` on the CPU goes through MKL (fp32) or oneDNN (bf16) and re-lays-out the weight on every
+call; a weight packed once into oneDNN's blocked format skips that. Measured here on decode-sized
+inputs (32 rows x SmolLM2 projections, weights cold in cache, see docs/bench-engine-*.json): fp32
+2.3-3.7x faster, bf16 about 1.3x faster, with the same results (bf16 bit-identical, fp32 equal up to
+summation order).
+
+`PackedLinear` is an `nn.Linear` (same parameters, same `state_dict`, so training, HF export and the
+LoRA wrappers are unchanged) that keeps a packed copy of its weight (extra memory: one more copy of
+each linear weight) and uses it only when no autograd graph is being recorded; it re-packs if the
+weight was changed in place. `prepack_linears(model)` swaps one in for every CPU `nn.Linear`.
+Set `LORAMUX_CPU_PREPACK=0` to turn it off.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_PACKABLE = (torch.float32, torch.bfloat16)
+
+
+def prepack_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    return (device.type == "cpu" and dtype in _PACKABLE and torch.backends.mkldnn.is_available()
+            and os.environ.get("LORAMUX_CPU_PREPACK", "1") != "0")
+
+
+class PackedLinear(nn.Linear):
+    """`nn.Linear` whose inference forward runs oneDNN on a pre-packed weight."""
+
+    def __init__(self, base: nn.Linear, batch_hint: int = 32):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias  # shared Parameters: tying survives
+        self.batch_hint = batch_hint
+        self._packed: torch.Tensor | None = None
+        self._packed_version = -1
+
+    def _pack(self) -> torch.Tensor:
+        w = self.weight
+        if self._packed is None or self._packed_version != w._version:
+            with torch.no_grad():
+                self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), self.batch_hint)
+            self._packed_version = w._version
+        return self._packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if torch.is_grad_enabled() or x.dtype != w.dtype or x.device.type != "cpu" or x.dim() < 2:
+            return F.linear(x, w, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self._pack(), self.bias, "none", [], "")
+
+
+def prepack_linears(model: nn.Module, batch_hint: int = 32) -> int:
+    """Replace every CPU fp32/bf16 `nn.Linear` of `model` with a `PackedLinear` (packed now, so the
+    first step does not pay for it); returns how many were replaced. Idempotent."""
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear or not prepack_supported(child.weight.device, child.weight.dtype):
+                continue
+            packed = PackedLinear(child, batch_hint)
+            packed._pack()
+            setattr(parent, name, packed)
+            count += 1
+    return count
