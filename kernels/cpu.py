@@ -53,7 +53,20 @@ class _Plan:
 
     def row_scaling(self, scaling: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """[Ta, n, 1] scaling of each active row's slot, per slice (cached for the step: slot
-        contents change only between steps)."""
+        contents change only between steps). When `scaling` is a block of rows of a larger
+        per-slot table (the slot pool's [layers, modules, slots]), the whole table is gathered once
+        per step and every projection gets a view of it."""
+        base = scaling._base
+        if base is not None and scaling.dim() == 2 and scaling.stride() == (scaling.shape[1], 1) \
+                and base.is_contiguous() and base.shape[-1] == scaling.shape[1]:
+            key = (id(base), dtype)
+            hit = self._scaling.get(key)
+            if hit is None or hit[0] is not base:
+                table = base.reshape(-1, base.shape[-1]).index_select(1, self.row_slots).to(dtype)
+                hit = (base, table)  # [rows of base, Ta]
+                self._scaling[key] = hit
+            row = (scaling.storage_offset() - base.storage_offset()) // scaling.shape[1]
+            return hit[1][row : row + scaling.shape[0]].t().unsqueeze(-1)
         key = (id(scaling), dtype)
         hit = self._scaling.get(key)
         if hit is None or hit[0] is not scaling:
@@ -160,7 +173,7 @@ def expand(
         if impl == "embbag":
             idx, offs = plan.bags(b.shape[2])
             d = torch.nn.functional.embedding_bag(idx, b_table(b), offs, mode="sum", per_sample_weights=w.reshape(-1))
-            y[:, off : off + size] += d  # -1 rows: empty bags add exactly 0
+            y[:, off : off + size].add_(d)  # -1 rows: empty bags add exactly 0
             continue
         if impl == "gather":
             bg = b.index_select(0, plan.row_slots)  # [Ta, out, r]: a copy of each row's B
@@ -173,7 +186,7 @@ def expand(
         else:
             raise ValueError(f"unknown CPU LoRA implementation {impl!r} (expected one of {IMPLS})")
         if plan.all_active:
-            y[:, off : off + size] += d
+            y[:, off : off + size].add_(d)
         else:
             y[:, off : off + size].index_add_(0, plan.rows, d)
 
@@ -208,8 +221,8 @@ def _embbag_fused(y, x, a_tab, b_tabs, scaling, plan: _Plan, out_slices, r: int)
     w = (_active(v, plan).view(-1, n, r) * sc).transpose(0, 1).contiguous()  # [n, Ta, r]
     idx_b, offs_b = plan.bags(r)
     for i, (off, size) in enumerate(out_slices):
-        y[:, off : off + size] += F.embedding_bag(idx_b, b_tabs[i], offs_b, mode="sum",
-                                                  per_sample_weights=w[i].view(-1))
+        y[:, off : off + size].add_(F.embedding_bag(idx_b, b_tabs[i], offs_b, mode="sum",
+                                                    per_sample_weights=w[i].view(-1)))
 
 
 def _segments_fused(y, x, a_tab, b_tabs, scaling, plan: _Plan, out_slices, r: int) -> None:

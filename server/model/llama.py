@@ -45,7 +45,7 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_proj_bias)
         self.kv_cache: torch.Tensor | None = None  # bound by LlamaForCausalLM.bind_kv_cache
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: AttentionPlan
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: AttentionPlan | None
                 ) -> torch.Tensor:
         T = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, q + 2*kv]
@@ -54,7 +54,8 @@ class LlamaAttention(nn.Module):
         q = apply_rotary(q.view(T, self.num_heads, self.head_dim), cos, sin)
         k = apply_rotary(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(T, self.num_kv_heads, self.head_dim)
-        assert self.kv_cache is not None, "bind_kv_cache() must be called before forward()"
+        if self.kv_cache is None or plan is None:
+            raise RuntimeError("bind_kv_cache() must be called before forward()")
         o = paged_attention(q, k, v, self.kv_cache, get_context(), plan, self.scale)
         return self.o_proj(o.reshape(T, self.q_size))  # [T, H, D] -> [T, q_size] -> [T, hidden]
 
@@ -77,7 +78,7 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: AttentionPlan
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: AttentionPlan | None
                 ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, plan)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -94,7 +95,10 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [T] -> [T, hidden]
         cos, sin = self.rotary_emb.cos_sin(ctx.positions, max(ctx.context_lens), x.dtype)
-        plan = build_attention_plan(ctx)
+        # No bound cache: attention modules that do not page (the trainer's dense one) get no plan;
+        # a paged LlamaAttention then refuses to run (bind_kv_cache() first).
+        cache = getattr(self.layers[0].self_attn, "kv_cache", None)
+        plan = build_attention_plan(ctx, cache) if cache is not None else None
         for layer in self.layers:
             x = layer(x, cos, sin, plan)
         return self.norm(x)
@@ -121,7 +125,7 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
     def bind_kv_cache(self, caches: list[torch.Tensor]) -> None:
-        """Give each layer its `[2, num_blocks, block_size, kv_heads, head_dim]` cache tensor."""
+        """Give each layer its `[2, kv_heads, num_blocks, block_size, head_dim]` cache tensor."""
         if len(caches) != len(self.model.layers):
             raise ValueError(f"expected {len(self.model.layers)} KV caches, got {len(caches)}")
         for layer, cache in zip(self.model.layers, caches, strict=True):
