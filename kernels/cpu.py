@@ -30,8 +30,10 @@ IMPLS = ("auto", "embbag", "gather", "segments", "dense")
 SEG_LONG_ROWS = 32
 SEG_MIN_ROWS = 8
 # With the row-table layout: per-segment fused GEMMs once segments average this many rows, else
-# the fused embedding_bag path (measured, docs/kernels.md).
+# the fused embedding_bag path. Measured in the engine at batch 32 (docs/kernels.md): bf16 small
+# GEMMs carry more fixed cost than fp32 ones, so bf16 switches later.
 SEG_FUSED_ROWS = 48
+SEG_FUSED_ROWS_FP32 = 16
 
 
 class _Plan:
@@ -246,7 +248,8 @@ def add_lora(y, x, lora_a, lora_b, scaling, batch: LoRABatch, out_slices, impl: 
         a_tab, b_tabs = _row_tables(lora_a, lora_b)
         n_seg, rows = len(plan.segs), len(plan.rows)
         if a_tab is not None:
-            fn = _segments_fused if rows >= SEG_FUSED_ROWS * n_seg else _embbag_fused
+            per_seg = SEG_FUSED_ROWS_FP32 if x.dtype == torch.float32 else SEG_FUSED_ROWS
+            fn = _segments_fused if rows >= per_seg * n_seg else _embbag_fused
             fn(y, x, a_tab, b_tabs, scaling, plan, out_slices, lora_a[0].shape[1])
             return
         impl = choose(plan, lora_a, lora_b)

@@ -93,3 +93,46 @@ def test_use_backend_restores_previous():
     with use_backend("reference"):
         assert kernels.get_backend() == "reference"
     assert kernels.get_backend() == before
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fused", ["_embbag_fused", "_segments_fused"])
+@pytest.mark.parametrize("slots", [[1] * 20 + [-1] * 3 + [4] * 20, [2] * 17, list(range(6)) * 3])
+def test_both_fused_paths_match_reference(slots, fused, dtype):
+    """The two row-table paths the auto pick chooses between (by dtype and rows per segment)."""
+    case = make_case(slots, dtype=dtype, layout="table", seed=len(slots))
+    y = case.y.clone()
+    a_tab, b_tabs = cpu._row_tables(case.lora_a, case.lora_b)
+    plan = cpu.plan_for(LoRABatch.build(slots))
+    getattr(cpu, fused)(y, case.x, a_tab, b_tabs, case.scaling, plan, case.out_slices, case.lora_a[0].shape[1])
+    check(y, case, slots)
+
+
+def test_auto_fused_pick_depends_on_dtype(monkeypatch):
+    """20 rows per segment: fused GEMMs in fp32 (threshold 16), embedding_bag in bf16 (48)."""
+    calls = []
+    monkeypatch.setattr(cpu, "_segments_fused", lambda *a: calls.append("segments"))
+    monkeypatch.setattr(cpu, "_embbag_fused", lambda *a: calls.append("embbag"))
+    slots = [1] * 20 + [4] * 20
+    for dtype in (torch.float32, torch.bfloat16):
+        case = make_case(slots, dtype=dtype, layout="table")
+        cpu.add_lora(case.y, case.x, case.lora_a, case.lora_b, case.scaling, LoRABatch.build(slots), case.out_slices)
+    assert calls == ["segments", "embbag"]
+
+
+def test_scaling_as_a_view_of_a_larger_table():
+    """The slot pool passes each projection a row block of one [layers, modules, slots] table; the
+    per-step gather of that table must give every projection its own rows."""
+    slots = [0, 0, 1, -1, 3, 5, 5, 2]
+    case = make_case(slots, layout="table", seed=7)
+    n, s = case.scaling.shape
+    table = torch.rand(3, n + 2, s)
+    table[1, 1 : 1 + n] = case.scaling  # this projection's rows sit in the middle of the table
+    view = table[1, 1 : 1 + n]
+    assert view._base is not None
+    batch = LoRABatch.build(slots)
+    y = case.y.clone()
+    other = make_case(slots, layout="table", seed=8)  # a second projection reads other rows first
+    cpu.add_lora(other.y.clone(), other.x, other.lora_a, other.lora_b, table[0, :n], batch, other.out_slices)
+    cpu.add_lora(y, case.x, case.lora_a, case.lora_b, view, batch, case.out_slices)
+    check(y, case, slots)
