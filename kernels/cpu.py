@@ -1,6 +1,11 @@
-"""The CPU path: several torch formulations of shrink/expand and the rule that picks one per call.
+"""The CPU path: a fused C++ kernel, several torch formulations of shrink/expand, and the rule that
+picks one per call.
 
 Formulations (all give the reference's result; measured in docs/kernels.md):
+  "kernel"   kernels/csrc/bgmv_cpu.cpp (via kernels/cpu_ext.py): shrink + scaling + expand of all
+             slices in one call per projection, per row, fp32 accumulation, AVX-512 when compiled
+             for it. Needs the row-table layout and a C++ toolchain (built once, cached). The
+             default whenever it is available, except for very long segments (plain GEMMs win).
   "embbag"   `embedding_bag` over the row-table layout of kernels/layout.py: reads each row's
              adapter weights once, no gather copy. Needs that layout; the fastest for decode.
   "gather"   index_select each row's A/B (a copy) then bmm. Any layout.
@@ -20,10 +25,11 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from kernels import cpu_ext
 from kernels.batch import LoRABatch
 from kernels.layout import a_table, b_table
 
-IMPLS = ("auto", "embbag", "gather", "segments", "dense")
+IMPLS = ("auto", "kernel", "embbag", "gather", "segments", "dense")
 # Measured (docs/kernels.md): "embbag" beats everything at decode, even with one adapter at
 # batch 32; "segments" (plain GEMMs) wins for one segment or long ones (prefill); without the
 # row-table layout, "segments" beats "gather" from ~8 rows per segment.
@@ -34,6 +40,10 @@ SEG_MIN_ROWS = 8
 # GEMMs carry more fixed cost than fp32 ones, so bf16 switches later.
 SEG_FUSED_ROWS = 48
 SEG_FUSED_ROWS_FP32 = 16
+# With the fused kernel: it beats per-segment GEMMs up to at least 256 rows per segment (bf16 and
+# fp32, docs/kernels.md); past this many rows per segment the GEMMs take over.
+KERNEL_MAX_SEG_ROWS = 512
+KERNEL_MAX_NR = 256  # slices x r_max the kernel's per-row buffer holds (kMaxNR in bgmv_cpu.cpp)
 
 
 class _Plan:
@@ -49,6 +59,7 @@ class _Plan:
         self.all_active = len(act) == len(slots)
         self.rows = torch.tensor(act, dtype=torch.long)  # active rows
         self.row_slots = torch.tensor([slots[t] for t in act], dtype=torch.long)  # their slots
+        self.token_slots = torch.tensor(slots, dtype=torch.long)  # every row's slot, -1 = base
         self.slot_list = list(batch.slot_list)
         self._bags: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._scaling: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -239,18 +250,38 @@ def _segments_fused(y, x, a_tab, b_tabs, scaling, plan: _Plan, out_slices, r: in
             y[start:end, off : off + size].addmm_(w[:, i], b_tabs[i][slot * r : (slot + 1) * r])
 
 
+def _kernel(y, x, a_tab, b_tabs, scaling, plan: _Plan, out_slices, r: int) -> bool:
+    """Run the fused C++ kernel if it is built and the call suits it; False otherwise."""
+    if (x.stride(-1) != 1 or y.stride(-1) != 1 or scaling.stride(-1) != 1 or not a_tab.is_contiguous()
+            or a_tab.shape[1] > KERNEL_MAX_NR):
+        return False
+    ext = cpu_ext.load()
+    if ext is None:
+        return False
+    ext.bgmv(y, x, a_tab, b_tabs, [off for off, _ in out_slices], scaling, plan.token_slots, r)
+    return True
+
+
 def add_lora(y, x, lora_a, lora_b, scaling, batch: LoRABatch, out_slices, impl: str = "auto") -> None:
-    """The CPU add-on for one fused projection: shrink then expand, v kept in x.dtype."""
+    """The CPU add-on for one fused projection: shrink then expand."""
     if not batch.has_lora:
         return
     plan = plan_for(batch)
+    r = lora_a[0].shape[1]
+    if impl == "kernel":
+        a_tab, b_tabs = _row_tables(lora_a, lora_b)
+        if a_tab is None or not _kernel(y, x, a_tab, b_tabs, scaling, plan, out_slices, r):
+            raise ValueError(f"the fused CPU kernel needs the row-table layout and a build ({cpu_ext.status()})")
+        return
     if impl == "auto":
         a_tab, b_tabs = _row_tables(lora_a, lora_b)
         n_seg, rows = len(plan.segs), len(plan.rows)
         if a_tab is not None:
+            if rows < KERNEL_MAX_SEG_ROWS * n_seg and _kernel(y, x, a_tab, b_tabs, scaling, plan, out_slices, r):
+                return
             per_seg = SEG_FUSED_ROWS_FP32 if x.dtype == torch.float32 else SEG_FUSED_ROWS
             fn = _segments_fused if rows >= per_seg * n_seg else _embbag_fused
-            fn(y, x, a_tab, b_tabs, scaling, plan, out_slices, lora_a[0].shape[1])
+            fn(y, x, a_tab, b_tabs, scaling, plan, out_slices, r)
             return
         impl = choose(plan, lora_a, lora_b)
     v = shrink(x, lora_a, plan, impl)

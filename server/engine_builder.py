@@ -99,6 +99,11 @@ def build_llm_engine(
                         lora.host_cache_size, fetch=manager.registry.weights)
         manager.registry.add_retire_listener(lambda ref: pool.evict(ref.id))
         attach_lora(model, pool)
+        if loaded.device.type == "cpu":  # build (or load the cached) fused CPU kernel now, not on a request
+            from kernels import cpu_ext
+
+            cpu_ext.load()
+            log.info("CPU LoRA kernel: %s", cpu_ext.status())
     runner = ModelRunner(model, num_blocks, block_size, pool, loaded.tokenizer.eos_token_ids)
     return LLMEngine(Scheduler(sched_cfg, cache_cfg), runner, loaded.tokenizer)
 

@@ -10,9 +10,9 @@ from kernels.layout import a_table, b_table
 
 from .cases import PATTERNS, batch_with_empty_segment, check, make_case
 
-# embbag needs the row-table layout; the others take any layout.
-IMPL_LAYOUTS = [(i, lay) for i in ("auto", "embbag", "gather", "segments", "dense") for lay in ("plain", "table")
-                if not (i == "embbag" and lay == "plain")]
+# kernel and embbag need the row-table layout; the others take any layout.
+IMPL_LAYOUTS = [(i, lay) for i in ("auto", "kernel", "embbag", "gather", "segments", "dense") for lay in ("plain", "table")
+                if not (i in ("kernel", "embbag") and lay == "plain")]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -111,6 +111,7 @@ def test_both_fused_paths_match_reference(slots, fused, dtype):
 def test_auto_fused_pick_depends_on_dtype(monkeypatch):
     """20 rows per segment: fused GEMMs in fp32 (threshold 16), embedding_bag in bf16 (48)."""
     calls = []
+    monkeypatch.setattr(cpu, "_kernel", lambda *a: False)  # as on a machine without the C++ build
     monkeypatch.setattr(cpu, "_segments_fused", lambda *a: calls.append("segments"))
     monkeypatch.setattr(cpu, "_embbag_fused", lambda *a: calls.append("embbag"))
     slots = [1] * 20 + [4] * 20
@@ -136,3 +137,54 @@ def test_scaling_as_a_view_of_a_larger_table():
     cpu.add_lora(other.y.clone(), other.x, other.lora_a, other.lora_b, table[0, :n], batch, other.out_slices)
     cpu.add_lora(y, case.x, case.lora_a, case.lora_b, view, batch, case.out_slices)
     check(y, case, slots)
+
+
+def test_fused_kernel_is_built_and_used_by_auto(monkeypatch):
+    """The C++ kernel builds on this machine (CI has g++ and ninja) and `auto` routes decode to it."""
+    from kernels import cpu_ext
+
+    assert cpu_ext.load() is not None, cpu_ext.status()
+    calls = []
+    real = cpu._kernel
+    monkeypatch.setattr(cpu, "_kernel", lambda *a: calls.append(1) or real(*a))
+    slots = [0, 3, 3, -1, 5, 1]
+    case = make_case(slots, dtype=torch.bfloat16, layout="table", seed=3)
+    y = case.y.clone()
+    cpu.add_lora(y, case.x, case.lora_a, case.lora_b, case.scaling, LoRABatch.build(slots), case.out_slices)
+    assert calls == [1]
+    check(y, case, slots)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_kernel_large_shapes_and_tails(dtype):
+    """Widths that are not multiples of 16 (masked tails), n*r up to 3 x 64, long rows, 1 and 2 threads."""
+    slots = [2, -1, 0, 7, 7, 1, -1, 3] * 5
+    case = make_case(slots, in_features=203, out_sizes=(131, 37, 37), r_max=64, num_slots=8, dtype=dtype,
+                     layout="table", seed=11)
+    for threads in (1, 2):
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            y = case.y.clone()
+            cpu.add_lora(y, case.x, case.lora_a, case.lora_b, case.scaling, LoRABatch.build(slots), case.out_slices,
+                         "kernel")
+        finally:
+            torch.set_num_threads(old)
+        check(y, case, slots)
+
+
+def test_fused_kernel_disabled_falls_back(monkeypatch):
+    """LORAMUX_CPU_KERNEL=0: no build, `auto` still gives the reference result, `kernel` is refused."""
+    from kernels import cpu_ext
+
+    monkeypatch.setattr(cpu_ext, "_state", {})
+    monkeypatch.setenv("LORAMUX_CPU_KERNEL", "0")
+    slots = [1, 1, 4, -1]
+    case = make_case(slots, layout="table", seed=5)
+    y = case.y.clone()
+    cpu.add_lora(y, case.x, case.lora_a, case.lora_b, case.scaling, LoRABatch.build(slots), case.out_slices)
+    check(y, case, slots)
+    assert cpu_ext.status() == "disabled"
+    with pytest.raises(ValueError, match="fused CPU kernel"):
+        cpu.add_lora(case.y.clone(), case.x, case.lora_a, case.lora_b, case.scaling, LoRABatch.build(slots),
+                     case.out_slices, "kernel")

@@ -1,0 +1,205 @@
+// Fused CPU BGMV: for every row t with slot s >= 0 and every slice i of one fused projection,
+//   y[t, off_i : off_i + out_i] += scaling[i, s] * (x[t] @ A_i[s].T) @ B_i[s].T
+// in one call, over the row-table layout of kernels/layout.py:
+//   A of all n slices: a_tab [S*in, n*r]  (row s*in + k holds x-coefficient k of every rank of every slice)
+//   B of slice i:      b_tab_i [S*r, out_i] (row s*r + j is rank j's output vector)
+// Rows are independent and split over ATen's thread pool. Per row: the shrink accumulates
+// v[n*r] = x[t] @ A_tab[s] in fp32 (four independent accumulators over k), then for each slice and
+// each 16-wide chunk of its output, y_chunk (fp32) += sum_j (scaling * v[j]) * B_row_j[chunk] and is
+// rounded to y's dtype once. With AVX-512 (F/BW/VL) this uses intrinsics; otherwise plain loops.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define LORAMUX_AVX512 1
+#endif
+
+namespace {
+
+constexpr int64_t kMaxNR = 256;  // n * r_max handled per row (3 slices x rank 64 = 192)
+
+#ifdef LORAMUX_AVX512
+inline __mmask16 lanes(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u);
+}
+
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
+  __m256i h = _mm256_maskz_loadu_epi16(m, reinterpret_cast<const void*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+inline void store16(c10::BFloat16* p, __m512 v, __mmask16 m) {
+  // round to nearest even, NaN kept quiet (what c10::BFloat16's conversion does)
+  __m512i bits = _mm512_castps_si512(v);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC00000));
+  __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+  _mm256_mask_storeu_epi16(reinterpret_cast<void*>(p), m, h);
+}
+
+template <typename scalar_t>
+void row_kernel(scalar_t* yr, const scalar_t* xr, float* xf, int64_t in, const scalar_t* a, int64_t nr,
+                const std::vector<const scalar_t*>& bs, const std::vector<int64_t>& offs,
+                const std::vector<int64_t>& sizes, const float* sc, int64_t r) {
+  for (int64_t k = 0; k < in; k += 16) store16(xf + k, load16(xr + k, lanes(in - k)), lanes(in - k));
+  alignas(64) float v[kMaxNR];
+  for (int64_t c = 0; c < nr; c += 16) {  // shrink, 16 ranks at a time
+    const __mmask16 m = lanes(nr - c);
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    const scalar_t* ac = a + c;
+    int64_t k = 0;
+    for (; k + 4 <= in; k += 4) {
+      a0 = _mm512_fmadd_ps(_mm512_set1_ps(xf[k]), load16(ac + k * nr, m), a0);
+      a1 = _mm512_fmadd_ps(_mm512_set1_ps(xf[k + 1]), load16(ac + (k + 1) * nr, m), a1);
+      a2 = _mm512_fmadd_ps(_mm512_set1_ps(xf[k + 2]), load16(ac + (k + 2) * nr, m), a2);
+      a3 = _mm512_fmadd_ps(_mm512_set1_ps(xf[k + 3]), load16(ac + (k + 3) * nr, m), a3);
+    }
+    for (; k < in; ++k) a0 = _mm512_fmadd_ps(_mm512_set1_ps(xf[k]), load16(ac + k * nr, m), a0);
+    _mm512_mask_storeu_ps(v + c, m, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  }
+  const int64_t n = static_cast<int64_t>(bs.size());
+  for (int64_t i = 0; i < n; ++i) {  // expand, 64 outputs at a time (4 independent FMA chains)
+    if (sc[i] == 0.f) continue;
+    alignas(64) float w[kMaxNR];
+    for (int64_t j = 0; j < r; ++j) w[j] = v[i * r + j] * sc[i];
+    const int64_t out = sizes[i];
+    const scalar_t* b = bs[i];
+    scalar_t* y = yr + offs[i];
+    for (int64_t o = 0; o < out; o += 64) {
+      const __mmask16 m0 = lanes(out - o), m1 = lanes(out - o - 16), m2 = lanes(out - o - 32), m3 = lanes(out - o - 48);
+      __m512 y0 = load16(y + o, m0), y1 = load16(y + o + 16, m1), y2 = load16(y + o + 32, m2),
+             y3 = load16(y + o + 48, m3);
+      __m512 d0 = _mm512_setzero_ps(), d1 = d0, d2 = d0, d3 = d0;
+      for (int64_t j = 0; j < r; ++j) {
+        const __m512 wj = _mm512_set1_ps(w[j]);
+        const scalar_t* br = b + j * out + o;
+        d0 = _mm512_fmadd_ps(wj, load16(br, m0), d0);
+        d1 = _mm512_fmadd_ps(wj, load16(br + 16, m1), d1);
+        d2 = _mm512_fmadd_ps(wj, load16(br + 32, m2), d2);
+        d3 = _mm512_fmadd_ps(wj, load16(br + 48, m3), d3);
+      }
+      store16(y + o, _mm512_add_ps(y0, d0), m0);
+      store16(y + o + 16, _mm512_add_ps(y1, d1), m1);
+      store16(y + o + 32, _mm512_add_ps(y2, d2), m2);
+      store16(y + o + 48, _mm512_add_ps(y3, d3), m3);
+    }
+  }
+}
+#endif
+
+template <typename scalar_t>
+void row_kernel_generic(scalar_t* yr, const scalar_t* xr, int64_t in, const scalar_t* a, int64_t nr,
+                        const std::vector<const scalar_t*>& bs, const std::vector<int64_t>& offs,
+                        const std::vector<int64_t>& sizes, const float* sc, int64_t r) {
+  float v[kMaxNR] = {0.f};
+  for (int64_t k = 0; k < in; ++k) {
+    const float xk = static_cast<float>(xr[k]);
+    for (int64_t j = 0; j < nr; ++j) v[j] += xk * static_cast<float>(a[k * nr + j]);
+  }
+  for (size_t i = 0; i < bs.size(); ++i) {
+    if (sc[i] == 0.f) continue;
+    for (int64_t o = 0; o < sizes[i]; ++o) {
+      float d = 0.f;
+      for (int64_t j = 0; j < r; ++j) d += v[i * r + j] * sc[i] * static_cast<float>(bs[i][j * sizes[i] + o]);
+      yr[offs[i] + o] = static_cast<scalar_t>(static_cast<float>(yr[offs[i] + o]) + d);
+    }
+  }
+}
+
+template <typename scalar_t>
+void bgmv_rows(scalar_t* y, int64_t y_stride, const scalar_t* x, int64_t x_stride, int64_t in,
+               const scalar_t* a_tab, const std::vector<const scalar_t*>& b_tabs,
+               const std::vector<int64_t>& offs, const std::vector<int64_t>& sizes, const float* scaling,
+               int64_t scaling_stride, const int64_t* slots, int64_t rows, int64_t r) {
+  const int64_t n = static_cast<int64_t>(b_tabs.size());
+  const int64_t nr = n * r;
+  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+    std::vector<float> xf(in + 16);
+    std::vector<const scalar_t*> bs(n);
+    float sc[kMaxNR];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t s = slots[t];
+      if (s < 0) continue;
+#ifdef LORAMUX_AVX512
+      // Distinct adapters: each row jumps to another slot's blocks (tens of KB across several pages),
+      // which the hardware prefetcher only picks up late. Prefetch the next row's blocks while this
+      // row computes.
+      if (t + 1 < end && slots[t + 1] >= 0 && slots[t + 1] != s) {
+        const int64_t s2 = slots[t + 1];
+        const char* pa = reinterpret_cast<const char*>(a_tab + s2 * in * nr);
+        const int64_t a_bytes = in * nr * static_cast<int64_t>(sizeof(scalar_t));
+        for (int64_t off = 0; off < a_bytes; off += 64) _mm_prefetch(pa + off, _MM_HINT_T1);
+        for (int64_t i = 0; i < n; ++i) {
+          const char* pb = reinterpret_cast<const char*>(b_tabs[i] + s2 * r * sizes[i]);
+          const int64_t b_bytes = r * sizes[i] * static_cast<int64_t>(sizeof(scalar_t));
+          for (int64_t off = 0; off < b_bytes; off += 64) _mm_prefetch(pb + off, _MM_HINT_T1);
+        }
+      }
+#endif
+      for (int64_t i = 0; i < n; ++i) {
+        bs[i] = b_tabs[i] + s * r * sizes[i];
+        sc[i] = scaling[i * scaling_stride + s];
+      }
+      const scalar_t* a = a_tab + s * in * nr;
+#ifdef LORAMUX_AVX512
+      if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
+        row_kernel<scalar_t>(y + t * y_stride, x + t * x_stride, xf.data(), in, a, nr, bs, offs, sizes, sc, r);
+        continue;
+      }
+#endif
+      row_kernel_generic<scalar_t>(y + t * y_stride, x + t * x_stride, in, a, nr, bs, offs, sizes, sc, r);
+    }
+  });
+}
+
+void bgmv(torch::Tensor y, torch::Tensor x, torch::Tensor a_tab, std::vector<torch::Tensor> b_tabs,
+          std::vector<int64_t> offs, torch::Tensor scaling, torch::Tensor slots, int64_t r) {
+  TORCH_CHECK(x.device().is_cpu() && y.device().is_cpu(), "CPU tensors only");
+  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(0) == y.size(0), "x, y must be [T, *]");
+  TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1, "x and y rows must be contiguous");
+  TORCH_CHECK(a_tab.is_contiguous() && a_tab.size(1) == static_cast<int64_t>(b_tabs.size()) * r, "bad A table");
+  TORCH_CHECK(a_tab.size(1) <= kMaxNR, "n * r_max above ", kMaxNR);
+  TORCH_CHECK(scaling.scalar_type() == at::kFloat && scaling.dim() == 2 && scaling.stride(1) == 1, "bad scaling");
+  TORCH_CHECK(scaling.size(0) == static_cast<int64_t>(b_tabs.size()), "one scaling row per slice");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.size(0) == x.size(0), "bad slots");
+  TORCH_CHECK(offs.size() == b_tabs.size(), "one offset per slice");
+  TORCH_CHECK(x.scalar_type() == y.scalar_type() && a_tab.scalar_type() == x.scalar_type(), "one dtype");
+  const int64_t rows = x.size(0), in = x.size(1), num_slots = scaling.size(1);
+  TORCH_CHECK(a_tab.size(0) == num_slots * in, "A table rows must be slots * in");
+  std::vector<int64_t> sizes;
+  for (size_t i = 0; i < b_tabs.size(); ++i) {
+    const auto& b = b_tabs[i];
+    TORCH_CHECK(b.is_contiguous() && b.scalar_type() == x.scalar_type() && b.size(0) == num_slots * r, "bad B table");
+    TORCH_CHECK(offs[i] >= 0 && offs[i] + b.size(1) <= y.size(1), "slice outside y");
+    sizes.push_back(b.size(1));
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "loramux_bgmv", [&] {
+    std::vector<const scalar_t*> bp;
+    for (const auto& b : b_tabs) bp.push_back(b.data_ptr<scalar_t>());
+    bgmv_rows<scalar_t>(y.data_ptr<scalar_t>(), y.stride(0), x.data_ptr<scalar_t>(), x.stride(0), in,
+                        a_tab.data_ptr<scalar_t>(), bp, offs, sizes, scaling.data_ptr<float>(),
+                        scaling.stride(0), slots.data_ptr<int64_t>(), rows, r);
+  });
+}
+
+bool vectorized() {
+#ifdef LORAMUX_AVX512
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("bgmv", &bgmv, "fused LoRA shrink+expand per row over the row-table layout (in place on y)");
+  m.def("vectorized", &vectorized, "whether the AVX-512 path was compiled in");
+}
