@@ -211,16 +211,26 @@ class AsyncEngine:
                 time.sleep(0.1)
                 continue
             self.last_step_time = time.monotonic()
+            # One wake-up per event loop per step (not one per request): at batch 32 that is 31 fewer
+            # cross-thread hand-offs competing with the next step for the CPU.
+            by_loop: dict[asyncio.AbstractEventLoop, list] = {}
             for d in deltas:
                 entry = self._collectors.get(d.request_id)
                 if entry is not None:
-                    loop, coll = entry
-                    with contextlib.suppress(RuntimeError):  # the client's loop is closed
-                        loop.call_soon_threadsafe(coll.put, d)
+                    by_loop.setdefault(entry[0], []).append((entry[1], d))
+            for loop, items in by_loop.items():
+                with contextlib.suppress(RuntimeError):  # the client's loop is closed
+                    loop.call_soon_threadsafe(_deliver, items)
 
     def _locked_step(self) -> list[CompletionDelta]:
         """schedule (locked) -> execute (unlocked) -> update (locked)."""
         return self.engine.step(self._lock)
+
+
+def _deliver(items: list) -> None:
+    """On the event loop: hand each request's delta to its collector, in step order."""
+    for coll, d in items:
+        coll.put(d)
 
 
 def build_engine(settings) -> AsyncEngine:
