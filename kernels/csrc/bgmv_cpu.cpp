@@ -130,9 +130,10 @@ void bgmv_rows(scalar_t* y, int64_t y_stride, const scalar_t* x, int64_t x_strid
 #ifdef LORAMUX_AVX512
       // Distinct adapters: each row jumps to another slot's blocks (tens of KB across several pages),
       // which the hardware prefetcher only picks up late. Prefetch the next row's blocks while this
-      // row computes.
-      if (t + 1 < end && slots[t + 1] >= 0 && slots[t + 1] != s) {
-        const int64_t s2 = slots[t + 1];
+      // row computes (and the first row's own blocks, so they stream in parallel).
+      for (int64_t t2 = (t == begin ? t : t + 1); t2 <= t + 1 && t2 < end; ++t2) {
+        const int64_t s2 = slots[t2];
+        if (s2 < 0 || (t2 > t && s2 == s)) continue;
         const char* pa = reinterpret_cast<const char*>(a_tab + s2 * in * nr);
         const int64_t a_bytes = in * nr * static_cast<int64_t>(sizeof(scalar_t));
         for (int64_t off = 0; off < a_bytes; off += 64) _mm_prefetch(pa + off, _MM_HINT_T1);

@@ -9,11 +9,13 @@ summation order).
 `PackedLinear` is an `nn.Linear` (same parameters, same `state_dict`, so training, HF export and the
 LoRA wrappers are unchanged) that keeps a packed copy of its weight (extra memory: one more copy of
 each linear weight) and uses it only when no autograd graph is being recorded; it re-packs if the
-weight was changed in place. `prepack_linears(model)` swaps one in for every CPU `nn.Linear`.
-Set `LORAMUX_CPU_PREPACK=0` to turn it off.
+weight was changed in place. `prepack_linears(model)` swaps one in for every CPU `nn.Linear`,
+unless the extra copy would take more than half of the memory available right now (then it logs why
+and packs nothing). Set `LORAMUX_CPU_PREPACK=0` to turn it off.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -21,6 +23,19 @@ import torch.nn.functional as F
 from torch import nn
 
 _PACKABLE = (torch.float32, torch.bfloat16)
+log = logging.getLogger("loramux.model")
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else None (unknown: no limit is applied)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def prepack_supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -54,16 +69,22 @@ class PackedLinear(nn.Linear):
         return torch.ops.mkldnn._linear_pointwise(x, self._pack(), self.bias, "none", [], "")
 
 
-def prepack_linears(model: nn.Module, batch_hint: int = 32) -> int:
+def prepack_linears(model: nn.Module, batch_hint: int = 32, available: int | None = -1) -> int:
     """Replace every CPU fp32/bf16 `nn.Linear` of `model` with a `PackedLinear` (packed now, so the
-    first step does not pay for it); returns how many were replaced. Idempotent."""
-    count = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is not nn.Linear or not prepack_supported(child.weight.device, child.weight.dtype):
-                continue
-            packed = PackedLinear(child, batch_hint)
-            packed._pack()
-            setattr(parent, name, packed)
-            count += 1
-    return count
+    first step does not pay for it); returns how many were replaced. Idempotent. `available`: bytes
+    of free memory (-1: read it from the system; None: no limit)."""
+    targets = [(parent, name, child) for parent in list(model.modules())
+               for name, child in list(parent.named_children())
+               if type(child) is nn.Linear and prepack_supported(child.weight.device, child.weight.dtype)]
+    extra = sum(w.numel() * w.element_size() for w in {id(c.weight): c.weight for _, _, c in targets}.values())
+    if available == -1:
+        available = available_memory_bytes()
+    if targets and available is not None and extra > available // 2:
+        log.warning("not pre-packing linear weights: the packed copy needs %.1f GiB, %.1f GiB available",
+                    extra / 2**30, available / 2**30)
+        return 0
+    for parent, name, child in targets:
+        packed = PackedLinear(child, batch_hint)
+        packed._pack()
+        setattr(parent, name, packed)
+    return len(targets)

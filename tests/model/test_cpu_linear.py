@@ -83,3 +83,11 @@ def test_env_switch_turns_it_off(monkeypatch):
     assert prepack_linears(nn.Sequential(nn.Linear(4, 4))) == 0
     monkeypatch.setenv("LORAMUX_CPU_PREPACK", "1")
     assert not prepack_supported(torch.device("cpu"), torch.float16)  # only fp32 / bf16 are packed
+
+
+def test_skips_packing_when_memory_is_short():
+    m = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    need = 2 * 64 * 64 * 4
+    assert prepack_linears(m, available=need) == 0  # the copy would take all of it: refuse
+    assert all(type(c) is nn.Linear for c in m)
+    assert prepack_linears(m, available=4 * need) == 2
