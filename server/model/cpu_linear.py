@@ -56,10 +56,12 @@ class PackedLinear(nn.Linear):
 
     def _pack(self) -> torch.Tensor:
         w = self.weight
-        if self._packed is None or self._packed_version != w._version:
+        # Inference tensors (made under torch.inference_mode) keep no version counter: packed once.
+        version = -2 if w.is_inference() else w._version
+        if self._packed is None or self._packed_version != version:
             with torch.no_grad():
                 self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), self.batch_hint)
-            self._packed_version = w._version
+            self._packed_version = version
         return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -91,3 +91,12 @@ def test_skips_packing_when_memory_is_short():
     assert prepack_linears(m, available=need) == 0  # the copy would take all of it: refuse
     assert all(type(c) is nn.Linear for c in m)
     assert prepack_linears(m, available=4 * need) == 2
+
+
+def test_weights_made_under_inference_mode():
+    """A model built inside torch.inference_mode has inference-tensor weights (no version counter)."""
+    with torch.inference_mode():
+        lin = nn.Linear(16, 8)
+        packed = PackedLinear(lin)
+        x = torch.randn(3, 16)
+        torch.testing.assert_close(packed(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)

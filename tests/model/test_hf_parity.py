@@ -59,12 +59,17 @@ def test_config_and_targets(tiny):
         assert lin.in_features == dims[t.slices[0][0]][0]
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device", ["cpu", "cpu+prepack", pytest.param("cuda", marks=pytest.mark.gpu)])
 @torch.inference_mode()
 def test_paged_mixed_batch_matches_hf(tiny, device):
     hf, ours = tiny
-    if device != "cpu":
-        ours = load_model(str(ours.root), dtype="float32", device=device)
+    if device != "cpu":  # a fresh copy: the shared fixture's model stays unpacked
+        ours = load_model(str(ours.root), dtype="float32", device=device.split("+")[0])
+    if device == "cpu+prepack":  # the engine's CPU set-up: linears pre-packed for oneDNN
+        from server.model.cpu_linear import prepack_linears
+
+        assert prepack_linears(ours.model) > 0
+    device = device.split("+")[0]
     model = ours.model
     rng = random.Random(0)
     totals = [0, 0, 0]
