@@ -49,11 +49,11 @@ class LlamaAttention(nn.Module):
                 ) -> torch.Tensor:
         T = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, q + 2*kv]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        # [T, heads*D] -> [T, heads, D]
-        q = apply_rotary(q.view(T, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
+        H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
+        # q|k rotated in one go: [T, (H + KV) * D] -> [T, H + KV, D] (half the elementwise ops)
+        qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(T, H + KV, D), cos, sin)
+        q, k = qk[:, :H], qk[:, H:]  # views [T, H, D], [T, KV, D]
+        v = qkv[:, self.q_size + self.kv_size :].view(T, KV, D)
         if self.kv_cache is None or plan is None:
             raise RuntimeError("bind_kv_cache() must be called before forward()")
         o = paged_attention(q, k, v, self.kv_cache, get_context(), plan, self.scale)
