@@ -109,9 +109,10 @@ def main(argv=None) -> int:
     batches = [1, 32, 64] if args.quick else [1, 8, 32, 64, 256]
     ranks = [8, 16] if args.quick else [8, 16, 64]
     hiddens = [576, 4096] if (args.quick and not cuda) else [576, 4096, 5120]
-    impls = ["triton", "loop", "reference"] if cuda else ["auto", "embbag", "gather", "segments", "dense", "loop", "reference"]
+    impls = ["triton", "loop", "reference"] if cuda else ["auto", "kernel", "embbag", "gather", "segments", "dense", "loop",
+                                                          "reference"]
     if not cuda and args.quick:
-        impls = ["auto", "embbag", "gather", "segments", "dense", "loop"]
+        impls = ["auto", "kernel", "embbag", "gather", "segments", "dense", "loop"]
     bw = copy_bandwidth(args.device)
     print(f"device {args.device}: copy bandwidth {bw / 1e9:.1f} GB/s")
     records = []
