@@ -21,6 +21,9 @@
 namespace {
 
 constexpr int64_t kMaxNR = 256;  // n * r_max handled per row (3 slices x rank 64 = 192)
+// Rows of adapter blocks prefetched ahead; 1 to 4 measured the same (8.2/8.1/8.1/8.1 ms per 30-layer
+// step, bf16, 32 distinct adapters, weights cold).
+constexpr int64_t kPrefetchRows = 1;
 
 #ifdef LORAMUX_AVX512
 inline __mmask16 lanes(int64_t n) {
@@ -129,11 +132,11 @@ void bgmv_rows(scalar_t* y, int64_t y_stride, const scalar_t* x, int64_t x_strid
       if (s < 0) continue;
 #ifdef LORAMUX_AVX512
       // Distinct adapters: each row jumps to another slot's blocks (tens of KB across several pages),
-      // which the hardware prefetcher only picks up late. Prefetch the next row's blocks while this
-      // row computes (and the first row's own blocks, so they stream in parallel).
-      for (int64_t t2 = (t == begin ? t : t + 1); t2 <= t + 1 && t2 < end; ++t2) {
+      // which the hardware prefetcher only picks up late. Keep kPrefetchRows rows' blocks in flight
+      // ahead of the row being computed (the first row issues its own and the next ones).
+      for (int64_t t2 = (t == begin ? t : t + kPrefetchRows); t2 <= t + kPrefetchRows && t2 < end; ++t2) {
         const int64_t s2 = slots[t2];
-        if (s2 < 0 || (t2 > t && s2 == s)) continue;
+        if (s2 < 0 || (t2 > t && s2 == slots[t2 - 1])) continue;
         const char* pa = reinterpret_cast<const char*>(a_tab + s2 * in * nr);
         const int64_t a_bytes = in * nr * static_cast<int64_t>(sizeof(scalar_t));
         for (int64_t off = 0; off < a_bytes; off += 64) _mm_prefetch(pa + off, _MM_HINT_T1);
