@@ -13,7 +13,9 @@ Formulations (all give the reference's result; measured in docs/kernels.md):
              or few.
   "dense"    all active slots at once (x @ A_active.T, one-hot mask, @ B_active): T*S redundant
              work; kept as a measured candidate.
-"auto" picks by `choose()`. Per-batch host metadata (segments, active rows, embedding_bag index
+"auto" (the engine's path): with the row-table layout, the kernel when it is built and segments
+average under KERNEL_MAX_SEG_ROWS rows, else fused per-segment GEMMs or the fused embedding_bag path by
+rows per segment; with other layouts, `choose()`. Per-batch host metadata (segments, active rows, embedding_bag index
 tensors) is computed once per LoRABatch and cached: the same batch serves ~120 calls per step.
 
 Data flow: shrink -> v [n, T, r] (x.dtype, zeros on -1 rows) -> expand adds scaling * v @ B.T into y.
@@ -30,8 +32,8 @@ from kernels.batch import LoRABatch
 from kernels.layout import a_table, b_table
 
 IMPLS = ("auto", "kernel", "embbag", "gather", "segments", "dense")
-# Measured (docs/kernels.md): "embbag" beats everything at decode, even with one adapter at
-# batch 32; "segments" (plain GEMMs) wins for one segment or long ones (prefill); without the
+# Measured (docs/kernels.md), torch formulations only: "embbag" beats the others at decode, even with
+# one adapter at batch 32; "segments" (plain GEMMs) wins for one segment or long ones (prefill); without the
 # row-table layout, "segments" beats "gather" from ~8 rows per segment.
 SEG_LONG_ROWS = 32
 SEG_MIN_ROWS = 8
