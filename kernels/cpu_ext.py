@@ -20,6 +20,7 @@ import logging
 import os
 import platform
 import threading
+import time
 from pathlib import Path
 
 log = logging.getLogger("loramux.kernels")
@@ -42,6 +43,24 @@ def _cpu_tag() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+STALE_LOCK_S = 300  # a build takes ~20 s; an older lock was left by a process killed mid-build
+
+
+def _clear_stale_lock(lock: Path, max_age_s: float = STALE_LOCK_S) -> bool:
+    """torch's build lock is a plain file that waiters poll forever: if a process was killed while
+    building, every later start would hang. Remove a lock older than `max_age_s`; True if removed."""
+    try:
+        if time.time() - lock.stat().st_mtime > max_age_s:
+            lock.unlink()
+            log.warning("removed a stale kernel build lock %s", lock)
+            return True
+    except FileNotFoundError:
+        pass
+    except OSError as exc:  # unreadable or not ours: let the build report what it finds
+        log.warning("could not check kernel build lock %s: %s", lock, exc)
+    return False
+
+
 def enabled() -> bool:
     return os.environ.get("LORAMUX_CPU_KERNEL", "1") != "0"
 
@@ -58,8 +77,10 @@ def load():
         try:
             from torch.utils import cpp_extension
 
+            name = f"loramux_bgmv_{_cpu_tag()}"
+            _clear_stale_lock(Path(cpp_extension._get_build_directory(name, False)) / "lock")
             module = cpp_extension.load(
-                name=f"loramux_bgmv_{_cpu_tag()}",
+                name=name,
                 sources=[str(_SRC)],
                 # -fopenmp only when compiling: the OpenMP calls then bind to torch's own libgomp,
                 # so the kernel's threads are the same pool as every other op's.

@@ -188,3 +188,20 @@ def test_fused_kernel_disabled_falls_back(monkeypatch):
     with pytest.raises(ValueError, match="fused CPU kernel"):
         cpu.add_lora(case.y.clone(), case.x, case.lora_a, case.lora_b, case.scaling, LoRABatch.build(slots),
                      case.out_slices, "kernel")
+
+
+def test_stale_build_lock_is_removed(tmp_path):
+    """A lock left by a process killed mid-build would make every later start wait forever."""
+    import os
+    import time
+
+    from kernels import cpu_ext
+
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    assert not cpu_ext._clear_stale_lock(lock)  # fresh: another process may be building right now
+    assert lock.exists()
+    old = time.time() - 2 * cpu_ext.STALE_LOCK_S
+    os.utime(lock, (old, old))
+    assert cpu_ext._clear_stale_lock(lock) and not lock.exists()
+    assert not cpu_ext._clear_stale_lock(tmp_path / "missing")
