@@ -57,6 +57,17 @@ def model_info(loaded: LoadedModel, max_lora_rank: int) -> dict:
     }
 
 
+def cpu_fast_paths(engine: LLMEngine) -> dict:
+    """What the CPU fast paths are doing, for operators (`GET /v1/models`): empty on other devices."""
+    if engine.runner.device.type != "cpu":
+        return {}
+    from kernels import cpu_ext
+    from server.model.cpu_linear import PackedLinear
+
+    packed = sum(isinstance(m, PackedLinear) for m in engine.runner.model.modules())
+    return {"cpu_prepacked_linears": packed, "cpu_lora_kernel": cpu_ext.status()}
+
+
 def build_llm_engine(
     loaded: LoadedModel,
     *,
@@ -149,7 +160,7 @@ def _build_async_engine(settings, worker: EngineThread) -> AsyncEngine:
         engine,
         AdapterService(manager),
         model_name=loaded.name,
-        info=model_info(loaded, settings.max_lora_rank),
+        info={**model_info(loaded, settings.max_lora_rank), **cpu_fast_paths(engine)},
         max_model_len=engine.scheduler.cfg.max_model_len,
         max_waiting=settings.max_waiting,
         step_stall_s=settings.step_stall_s,

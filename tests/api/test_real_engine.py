@@ -286,3 +286,15 @@ def test_metrics_after_traffic(world):
     assert _metric(text, "loramux_generation_tokens_total") <= stats["generation_tokens"]
     assert _metric(text, "loramux_adapter_slots_total") == stats["slots_total"] == 4
     assert 'loramux_e2e_request_latency_seconds_count{adapter="alpha"}' in text
+
+
+def test_models_report_cpu_fast_paths(world):
+    """Operators can see whether the CPU fast paths are on: pre-packed linears and the fused LoRA kernel."""
+    with httpx.Client(base_url=world.live.url, timeout=30) as http:
+        r = http.get("/v1/models")
+    assert r.status_code == 200
+    base = next(m for m in r.json()["data"] if m["id"] == world.engine.model_name)
+    info = base["loramux"]
+    assert info["device"] == "cpu"
+    assert info["cpu_prepacked_linears"] > 0  # every projection of the tiny model, plus lm_head
+    assert info["cpu_lora_kernel"] == "loaded"
