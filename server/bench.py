@@ -30,6 +30,7 @@ from adapters.registry import AdapterRegistry
 from adapters.spec import MODULES
 from adapters.validate import ValidationLimits, validate_adapter
 from server.bench_peft import peft_point
+from server.device import synchronize
 from server.engine_builder import base_spec, build_llm_engine
 from server.model.cpu_linear import prepack_supported
 from server.model.loader import LoadedModel, load_model
@@ -47,19 +48,15 @@ SHAPES = {  # random-weight shapes for GPU runs (vocab of the embedded tokenizer
 
 
 # --- machine rates ---------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def _best_time(fn, device, reps=5) -> float:
     fn()
-    _sync(device)
+    synchronize(device)
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
         fn()
-        _sync(device)
+        synchronize(device)
         best = min(best, time.perf_counter() - t)
     return best
 
@@ -181,7 +178,7 @@ def run_point(engine, adapters: BenchAdapters, names, prompt_len: int, new_token
     while engine.has_unfinished():
         t = time.perf_counter()
         deltas = engine.step()
-        _sync(device)
+        synchronize(device)
         dt = time.perf_counter() - t
         step_times.append(dt)
         if len(deltas) == len(names) and all(d.token_ids for d in deltas) and len(step_times) > 1:

@@ -15,12 +15,8 @@ from pathlib import Path
 
 import torch
 
+from server.device import synchronize
 from server.model.loader import LoadedModel
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def peft_point(loaded: LoadedModel, adapters, adapter_files, names, prompt_len, new_tokens, seed):
@@ -50,7 +46,7 @@ def peft_point(loaded: LoadedModel, adapters, adapter_files, names, prompt_len, 
         model.generate(ids[:, :4], **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
         t = time.perf_counter()
         model.generate(ids, **kwargs)
-        _sync(loaded.device)
+        synchronize(loaded.device)
         total = time.perf_counter() - t
     return {"output_tokens_per_s": len(names) * new_tokens / total, "step_ms": 1000 * total / new_tokens,
             "total_s": total, "steps": new_tokens}

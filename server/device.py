@@ -53,3 +53,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if dtype == torch.float16 and device.type == "cpu":
         raise ValueError("float16 is not supported on CPU; use bfloat16 or float32")
     return dtype
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued work on `device` (CUDA); a no-op on the CPU. For timing."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
