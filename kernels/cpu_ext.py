@@ -1,14 +1,19 @@
-"""The fused CPU BGMV kernel (kernels/csrc/bgmv_cpu.cpp): built on first use, then cached.
+"""The fused CPU ops (kernels/csrc/*.cpp, one extension module): built on first use, then cached.
 
-    bgmv(y, x, a_tab, b_tabs, offs, scaling, slots, r)   in place on y, rows with slot -1 untouched
+    bgmv(y, x, a_tab, b_tabs, offs, scaling, slots, r)   LoRA: in place on y, rows with slot -1 untouched
+    rms_norm / rotary_ / silu_and_mul / kv_write / decode_attention
+                                                          the decode step's non-linear ops, used by the
+                                                          model through server/model/cpu_ops.py
 
-Why a C++ kernel: at decode each LoRA projection is a few thousand multiply-adds per row, so the
-torch formulations (embedding_bag shrink, scale, per-slice embedding_bag expand and add) cost their
-per-op overhead, about 60-90 us per projection call in the engine, more than the math. One fused call
-per projection does shrink + scaling + expand for all slices, accumulating in fp32.
+Why C++: at decode each LoRA projection is a few thousand multiply-adds per row, so the torch
+formulations (embedding_bag shrink, scale, per-slice embedding_bag expand and add) cost their per-op
+overhead, about 60-90 us per projection call in the engine, more than the math. One fused call per
+projection does shrink + scaling + expand for all slices, accumulating in fp32. The same holds for a
+decoder layer's norms, rotary, activation and paged attention: about fifty small eager ops per layer
+become five calls.
 
 Built with `torch.utils.cpp_extension.load` (g++ and ninja, both already needed by torch's own
-tooling; about a minute on 2 cores), cached under TORCH_EXTENSIONS_DIR keyed by the source and this
+tooling; about 30 s on 2 cores), cached under TORCH_EXTENSIONS_DIR keyed by the sources and this
 CPU's instruction set (it is compiled with -march=native). If the build fails (no compiler, e.g. the
 CUDA runtime image) the CPU path keeps its torch formulations and logs why once. Set
 LORAMUX_CPU_KERNEL=0 to skip it.
@@ -25,7 +30,9 @@ from pathlib import Path
 
 log = logging.getLogger("loramux.kernels")
 
-_SRC = Path(__file__).parent / "csrc" / "bgmv_cpu.cpp"
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = [_CSRC / "bindings.cpp", _CSRC / "bgmv_cpu.cpp", _CSRC / "model_cpu.cpp"]
+_HEADERS = [_CSRC / "loramux_cpu.h"]
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "module" or "error"
 
@@ -39,7 +46,7 @@ def _cpu_tag() -> str:
                 break
     except OSError:
         pass
-    text = platform.machine() + flags + _SRC.read_text()
+    text = platform.machine() + flags + "".join(p.read_text() for p in _SOURCES + _HEADERS)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -77,11 +84,12 @@ def load():
         try:
             from torch.utils import cpp_extension
 
-            name = f"loramux_bgmv_{_cpu_tag()}"
+            name = f"loramux_cpu_{_cpu_tag()}"
             _clear_stale_lock(Path(cpp_extension._get_build_directory(name, False)) / "lock")
             module = cpp_extension.load(
                 name=name,
-                sources=[str(_SRC)],
+                sources=[str(p) for p in _SOURCES],
+                extra_include_paths=[str(_CSRC)],
                 # -fopenmp only when compiling: the OpenMP calls then bind to torch's own libgomp,
                 # so the kernel's threads are the same pool as every other op's.
                 extra_cflags=["-O3", "-march=native", "-fopenmp"],
@@ -90,7 +98,7 @@ def load():
             _state["module"] = module
         except Exception as exc:  # noqa: BLE001 - any build problem means "use the torch path"
             _state["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
-            log.warning("fused CPU LoRA kernel unavailable, using the torch formulations: %s", _state["error"])
+            log.warning("fused CPU ops unavailable, using the torch formulations: %s", _state["error"])
             return None
     return _state["module"]
 

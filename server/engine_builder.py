@@ -65,7 +65,8 @@ def cpu_fast_paths(engine: LLMEngine) -> dict:
     from server.model.cpu_linear import PackedLinear
 
     packed = sum(isinstance(m, PackedLinear) for m in engine.runner.model.modules())
-    return {"cpu_prepacked_linears": packed, "cpu_lora_kernel": cpu_ext.status()}
+    fused = getattr(getattr(engine.runner.model, "model", None), "cpu_ops", None) is not None
+    return {"cpu_prepacked_linears": packed, "cpu_lora_kernel": cpu_ext.status(), "cpu_fused_layer_ops": fused}
 
 
 def build_llm_engine(
@@ -110,11 +111,12 @@ def build_llm_engine(
                         lora.host_cache_size, fetch=manager.registry.weights)
         manager.registry.add_retire_listener(lambda ref: pool.evict(ref.id))
         attach_lora(model, pool)
-        if loaded.device.type == "cpu":  # build (or load the cached) fused CPU kernel now, not on a request
-            from kernels import cpu_ext
+    if loaded.device.type == "cpu":  # build (or load the cached) fused CPU ops now, not on a request
+        from kernels import cpu_ext
+        from server.model.cpu_ops import enable_cpu_ops
 
-            cpu_ext.load()
-            log.info("CPU LoRA kernel: %s", cpu_ext.status())
+        enable_cpu_ops(model)
+        log.info("fused CPU ops (LoRA kernel, decoder-layer ops): %s", cpu_ext.status())
     runner = ModelRunner(model, num_blocks, block_size, pool, loaded.tokenizer.eos_token_ids)
     return LLMEngine(Scheduler(sched_cfg, cache_cfg), runner, loaded.tokenizer)
 

@@ -104,8 +104,8 @@ class DenseCausalAttention(nn.Module):
         super().__init__()
         self.attn = attn
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan) -> torch.Tensor:
-        a, ctx = self.attn, get_context()
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan, ops=None) -> torch.Tensor:
+        a, ctx = self.attn, get_context()  # `ops` (fused CPU inference ops) is never given while training
         T, B = x.shape[0], ctx.num_seqs
         S, H, KV, D = T // B, a.num_heads, a.num_kv_heads, a.head_dim
         q, k, v = a.qkv_proj(x).split([a.q_size, a.kv_size, a.kv_size], dim=-1)

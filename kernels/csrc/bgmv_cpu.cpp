@@ -7,17 +7,16 @@
 // v[n*r] = x[t] @ A_tab[s] in fp32 (four independent accumulators over k), then for each slice and
 // each 16-wide chunk of its output, y_chunk (fp32) += sum_j (scaling * v[j]) * B_row_j[chunk] and is
 // rounded to y's dtype once. With AVX-512 (F/BW/VL) this uses intrinsics; otherwise plain loops.
-#include <torch/extension.h>
+#include "loramux_cpu.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#include <immintrin.h>
-#define LORAMUX_AVX512 1
-#endif
+#include "vec512.h"
 
+namespace loramux {
 namespace {
 
 constexpr int64_t kMaxNR = 256;  // n * r_max handled per row (3 slices x rank 64 = 192)
@@ -26,27 +25,6 @@ constexpr int64_t kMaxNR = 256;  // n * r_max handled per row (3 slices x rank 6
 constexpr int64_t kPrefetchRows = 1;
 
 #ifdef LORAMUX_AVX512
-inline __mmask16 lanes(int64_t n) {
-  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u);
-}
-
-inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
-  __m256i h = _mm256_maskz_loadu_epi16(m, reinterpret_cast<const void*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
-inline void store16(c10::BFloat16* p, __m512 v, __mmask16 m) {
-  // round to nearest even, NaN kept quiet (what c10::BFloat16's conversion does)
-  __m512i bits = _mm512_castps_si512(v);
-  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-  __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC00000));
-  __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
-  _mm256_mask_storeu_epi16(reinterpret_cast<void*>(p), m, h);
-}
-
 template <typename scalar_t>
 void row_kernel(scalar_t* yr, const scalar_t* xr, float* xf, int64_t in, const scalar_t* a, int64_t nr,
                 const std::vector<const scalar_t*>& bs, const std::vector<int64_t>& offs,
@@ -163,6 +141,8 @@ void bgmv_rows(scalar_t* y, int64_t y_stride, const scalar_t* x, int64_t x_strid
   });
 }
 
+}  // namespace
+
 void bgmv(torch::Tensor y, torch::Tensor x, torch::Tensor a_tab, std::vector<torch::Tensor> b_tabs,
           std::vector<int64_t> offs, torch::Tensor scaling, torch::Tensor slots, int64_t r) {
   TORCH_CHECK(x.device().is_cpu() && y.device().is_cpu(), "CPU tensors only");
@@ -201,9 +181,4 @@ bool vectorized() {
 #endif
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("bgmv", &bgmv, "fused LoRA shrink+expand per row over the row-table layout (in place on y)");
-  m.def("vectorized", &vectorized, "whether the AVX-512 path was compiled in");
-}
+}  // namespace loramux

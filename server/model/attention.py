@@ -17,6 +17,12 @@ host->device copy), shared by all layers. Each layer then:
   3. prefill sequences (full or chunked), one at a time: query j of a sequence sits at position
      `context_len - query_len + j` and sees keys `<=` it; a fresh prefill uses the step's own K/V.
 No host syncs (`.item()`, `.tolist()`) happen in the layer loop.
+
+With `ops` (the fused CPU ops, inference only) steps 1 and 2 are one C++ call each: `kv_write`
+copies the K/V rows into their slots, and `decode_attention` reads each decode sequence's blocks
+in place (no gather copy, no padding), one task per (sequence, KV head), with the same numerics
+(scores rounded to the dtype as a bmm output is, fp32 softmax, probabilities in the dtype, fp32
+accumulation). Prefills keep the torch path below.
 """
 from __future__ import annotations
 
@@ -57,6 +63,10 @@ class AttentionPlan:
     decode_block_rows: torch.Tensor | None  # [2*KV*B*nblocks] rows of the [2*KV*blocks, bs*D] view
     decode_mask: torch.Tensor | None  # [B, 1, nblocks * bs] bool, True where the key is in the context
     prefills: list[PrefillSeq]
+    # For the fused decode kernel: query row, block table and context length of each decode sequence
+    decode_q_rows: torch.Tensor | None = None  # [B] int64
+    decode_tables: torch.Tensor | None = None  # [B, nblocks] int32
+    decode_lens: torch.Tensor | None = None  # [B] int64
 
 
 def _head_rows(index: torch.Tensor, per_head: int, heads2: int) -> torch.Tensor:
@@ -78,7 +88,7 @@ def build_attention_plan(ctx: ForwardContext, kv_cache: torch.Tensor) -> Attenti
     dec = [i for i, q in enumerate(ctx.query_lens) if q == 1]
     all_decode = len(dec) == ctx.num_seqs
     write_rows = _head_rows(ctx.slot_mapping, num_blocks * bs, heads2)
-    decode_rows = decode_block_rows = decode_mask = None
+    decode_rows = decode_block_rows = decode_mask = q_rows = None
     if dec:
         lens = [ctx.context_lens[i] for i in dec]
         max_len = max(lens)
@@ -90,6 +100,7 @@ def build_attention_plan(ctx: ForwardContext, kv_cache: torch.Tensor) -> Attenti
         decode_mask = (torch.arange(nblocks * bs, device=device)[None, :] < lens_t[:, None])[:, None, :]
         if not all_decode:
             decode_rows = torch.tensor([starts[i] for i in dec], device=device)
+        q_rows = decode_rows if decode_rows is not None else torch.arange(len(dec), device=device)
     prefills = []
     for i, (q, c) in enumerate(zip(ctx.query_lens, ctx.context_lens, strict=True)):
         if q == 1:
@@ -100,23 +111,36 @@ def build_attention_plan(ctx: ForwardContext, kv_cache: torch.Tensor) -> Attenti
             q_pos = torch.arange(c - q, c, device=device)
             mask = torch.arange(c, device=device)[None, :] <= q_pos[:, None]
         prefills.append(PrefillSeq(starts[i], q, c, rows, mask))
-    return AttentionPlan(all_decode, write_rows, decode_rows, decode_block_rows, decode_mask, prefills)
+    plan = AttentionPlan(all_decode, write_rows, decode_rows, decode_block_rows, decode_mask, prefills)
+    if dec:
+        plan.decode_q_rows, plan.decode_tables, plan.decode_lens = q_rows, tables.int(), lens_t.long()
+    return plan
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                    ctx: ForwardContext, plan: AttentionPlan, scale: float) -> torch.Tensor:
+                    ctx: ForwardContext, plan: AttentionPlan, scale: float, ops=None) -> torch.Tensor:
     """q [T, H, D], k/v [T, KV, D] (rotated) -> out [T, H, D]; writes k/v into `kv_cache`."""
     T, H, D = q.shape
     KV = k.shape[1]
     G = H // KV
     _, _, num_blocks, bs, _ = kv_cache.shape
-    # K|V of the step, [2, T, KV, D] -> [2, KV, T, D] -> rows (K|V, head, token) of the flat view
-    new = torch.stack((k, v)).transpose(1, 2).reshape(-1, D)
-    kv_cache.view(-1, D).index_copy_(0, plan.write_rows, new)
+    if ops is not None:
+        ops.kv_write(kv_cache, k.view(T, KV * D), v.view(T, KV * D), ctx.slot_mapping)
+    else:
+        # K|V of the step, [2, T, KV, D] -> [2, KV, T, D] -> rows (K|V, head, token) of the flat view
+        new = torch.stack((k, v)).transpose(1, 2).reshape(-1, D)
+        kv_cache.view(-1, D).index_copy_(0, plan.write_rows, new)
     blocks_view = kv_cache.view(-1, bs * D)  # rows (K|V, head, block)
     out = q.new_empty(T, H, D) if not plan.all_decode else None
 
-    if plan.decode_block_rows is not None:
+    if ops is not None and plan.decode_q_rows is not None:
+        od = q.new_empty(plan.decode_q_rows.shape[0], H, D)
+        ops.decode_attention(od, q.view(T, H * D), plan.decode_q_rows, kv_cache, plan.decode_tables,
+                             plan.decode_lens, H, scale)
+        if plan.all_decode:
+            return od
+        out.index_copy_(0, plan.decode_rows, od)
+    elif plan.decode_block_rows is not None:
         qd = q if plan.decode_rows is None else q.index_select(0, plan.decode_rows)
         B = qd.shape[0]
         # [2*KV*B*nblocks, bs*D] -> [2, KV, B, L_pad, D]: contiguous, each (head, seq) one matrix

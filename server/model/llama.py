@@ -8,6 +8,11 @@ normed hidden states `[T, hidden]`; `compute_logits` maps the rows the sampler n
 Projections are fused (`qkv_proj` = q|k|v, `gate_up_proj` = gate|up) and called as plain
 `self.<name>(x)`, so a LoRA-aware wrapper with the same call signature can replace them;
 `lora_targets()` lists those substitution points with the HF names of their output slices.
+
+The residual stream is carried beside the sublayer output (`h, residual`), so each RMSNorm also
+does the residual add before it. With `LlamaModel.cpu_ops` set (the fused CPU ops, see
+`server/model/cpu_ops.py`) and no autograd recording, the norms, rotary, activation and paged
+attention are single C++ calls; otherwise they are the torch formulations. Same numerics either way.
 """
 from __future__ import annotations
 
@@ -45,18 +50,22 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_proj_bias)
         self.kv_cache: torch.Tensor | None = None  # bound by LlamaForCausalLM.bind_kv_cache
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: AttentionPlan | None
-                ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: AttentionPlan | None,
+                ops=None) -> torch.Tensor:
         T = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, q + 2*kv]
         H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
-        # q|k rotated in one go: [T, (H + KV) * D] -> [T, H + KV, D] (half the elementwise ops)
-        qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(T, H + KV, D), cos, sin)
-        q, k = qk[:, :H], qk[:, H:]  # views [T, H, D], [T, KV, D]
-        v = qkv[:, self.q_size + self.kv_size :].view(T, KV, D)
         if self.kv_cache is None or plan is None:
             raise RuntimeError("bind_kv_cache() must be called before forward()")
-        o = paged_attention(q, k, v, self.kv_cache, get_context(), plan, self.scale)
+        # q|k rotated in one go: [T, (H + KV) * D] -> [T, H + KV, D] (half the elementwise ops)
+        if ops is not None:
+            ops.rotary_(qkv, cos, sin, H + KV, D)  # in place
+            qk = qkv[:, : self.q_size + self.kv_size].view(T, H + KV, D)
+        else:
+            qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(T, H + KV, D), cos, sin)
+        q, k = qk[:, :H], qk[:, H:]  # views [T, H, D], [T, KV, D]
+        v = qkv[:, self.q_size + self.kv_size :].view(T, KV, D)
+        o = paged_attention(q, k, v, self.kv_cache, get_context(), plan, self.scale, ops)
         return self.o_proj(o.reshape(T, self.q_size))  # [T, H, D] -> [T, q_size] -> [T, hidden]
 
 
@@ -66,8 +75,8 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, ops=None) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x), ops))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -78,10 +87,14 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: AttentionPlan | None
-                ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, plan)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                plan: AttentionPlan | None, ops=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """h: the previous sublayer's output (the embeddings, with residual None, for layer 0) ->
+        (this layer's MLP output, the residual stream before it is added)."""
+        h, residual = self.input_layernorm.residual_norm(h, residual, ops)
+        h = self.self_attn(h, cos, sin, plan, ops)
+        h, residual = self.post_attention_layernorm.residual_norm(h, residual, ops)
+        return self.mlp(h, ops), residual
 
 
 class LlamaModel(nn.Module):
@@ -91,17 +104,22 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(cfg)
+        self.cpu_ops = None  # the fused CPU ops module, set by server.model.cpu_ops.enable_cpu_ops
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        ops = self.cpu_ops
+        if ops is not None and (torch.is_grad_enabled() or input_ids.device.type != "cpu"):
+            ops = None  # C++ ops record no autograd graph: training takes the torch formulations
         x = self.embed_tokens(input_ids)  # [T] -> [T, hidden]
         cos, sin = self.rotary_emb.cos_sin(ctx.positions, max(ctx.context_lens), x.dtype)
         # No bound cache: attention modules that do not page (the trainer's dense one) get no plan;
         # a paged LlamaAttention then refuses to run (bind_kv_cache() first).
         cache = getattr(self.layers[0].self_attn, "kv_cache", None)
         plan = build_attention_plan(ctx, cache) if cache is not None else None
+        h, residual = x, None
         for layer in self.layers:
-            x = layer(x, cos, sin, plan)
-        return self.norm(x)
+            h, residual = layer(h, residual, cos, sin, plan, ops)
+        return self.norm.residual_norm(h, residual, ops)[0]
 
 
 class LlamaForCausalLM(nn.Module):

@@ -1,0 +1,13 @@
+#include "loramux_cpu.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("bgmv", &loramux::bgmv, "fused LoRA shrink+expand per row over the row-table layout (in place on y)");
+  m.def("vectorized", &loramux::vectorized, "whether the AVX-512 path of bgmv was compiled in");
+  m.def("rms_norm", &loramux::rms_norm, "out = RMSNorm(x) (after residual += x when residual is given)",
+        pybind11::arg("out"), pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("eps"),
+        pybind11::arg("residual") = pybind11::none());
+  m.def("rotary_", &loramux::rotary_, "rotary embedding in place on the first heads*head_dim columns");
+  m.def("silu_and_mul", &loramux::silu_and_mul, "out = silu(gate) * up of a fused gate|up row");
+  m.def("kv_write", &loramux::kv_write, "the step's K and V columns of qkv into the paged cache");
+  m.def("decode_attention", &loramux::decode_attention, "paged attention of one query token per sequence");
+}

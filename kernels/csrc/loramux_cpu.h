@@ -1,0 +1,19 @@
+// The fused CPU ops of loramux, one extension module (bindings.cpp): the LoRA BGMV kernel
+// (bgmv_cpu.cpp) and the decode-step model ops (model_cpu.cpp).
+#pragma once
+#include <torch/extension.h>
+
+#include <vector>
+
+namespace loramux {
+void bgmv(torch::Tensor y, torch::Tensor x, torch::Tensor a_tab, std::vector<torch::Tensor> b_tabs,
+          std::vector<int64_t> offs, torch::Tensor scaling, torch::Tensor slots, int64_t r);
+bool vectorized();
+void rms_norm(torch::Tensor out, torch::Tensor x, torch::Tensor weight, double eps,
+              c10::optional<torch::Tensor> residual);
+void rotary_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t heads, int64_t head_dim);
+void silu_and_mul(torch::Tensor out, torch::Tensor gate_up);
+void kv_write(torch::Tensor cache, torch::Tensor k, torch::Tensor v, torch::Tensor slots);
+void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor rows, torch::Tensor cache,
+                      torch::Tensor tables, torch::Tensor lens, int64_t heads, double scale);
+}  // namespace loramux
