@@ -289,7 +289,8 @@ def test_metrics_after_traffic(world):
 
 
 def test_models_report_cpu_fast_paths(world):
-    """Operators can see whether the CPU fast paths are on: pre-packed linears and the fused LoRA kernel."""
+    """Operators can see whether the CPU fast paths are on: pre-packed linears, the fused LoRA kernel
+    and the fused decoder-layer ops."""
     with httpx.Client(base_url=world.live.url, timeout=30) as http:
         r = http.get("/v1/models")
     assert r.status_code == 200
@@ -298,3 +299,4 @@ def test_models_report_cpu_fast_paths(world):
     assert info["device"] == "cpu"
     assert info["cpu_prepacked_linears"] > 0  # every projection of the tiny model, plus lm_head
     assert info["cpu_lora_kernel"] == "loaded"
+    assert info["cpu_fused_layer_ops"] is True

@@ -59,7 +59,7 @@ def test_config_and_targets(tiny):
         assert lin.in_features == dims[t.slices[0][0]][0]
 
 
-@pytest.mark.parametrize("device", ["cpu", "cpu+prepack", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device", ["cpu", "cpu+prepack", "cpu+fused", pytest.param("cuda", marks=pytest.mark.gpu)])
 @torch.inference_mode()
 def test_paged_mixed_batch_matches_hf(tiny, device):
     hf, ours = tiny
@@ -69,6 +69,11 @@ def test_paged_mixed_batch_matches_hf(tiny, device):
         from server.model.cpu_linear import prepack_linears
 
         assert prepack_linears(ours.model) > 0
+    if device == "cpu+fused":  # the engine's full CPU set-up: packed linears and the fused C++ layer ops
+        from server.model.cpu_linear import prepack_linears
+        from server.model.cpu_ops import enable_cpu_ops
+
+        assert prepack_linears(ours.model) > 0 and enable_cpu_ops(ours.model)
     device = device.split("+")[0]
     model = ours.model
     rng = random.Random(0)

@@ -34,12 +34,14 @@ def byte_tokenizer() -> Tokenizer:
     return tok
 
 
-def save_tiny_hf(root: Path, variant: str = "untied"):
+def save_tiny_hf(root: Path, variant: str = "untied", **dims):
+    """A tiny random HF checkpoint; `dims` override the config (e.g. hidden_size, num_attention_heads)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                   rms_norm_eps=1e-5, tie_word_embeddings=variant == "tied", bos_token_id=1, eos_token_id=2)
+    common.update(dims)
     rope = {"rope_theta": 10000.0, **(ROPE_VARIANTS[variant] or {"rope_type": "default"})}
     if variant == "qwen2":
         cfg = Qwen2Config(**common, rope_parameters=rope)
