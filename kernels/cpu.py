@@ -264,6 +264,27 @@ def _kernel(y, x, a_tab, b_tabs, scaling, plan: _Plan, out_slices, r: int) -> bo
     return True
 
 
+def bind_kernel(lora_a, lora_b, out_slices) -> tuple | None:
+    """The fused kernel's fixed arguments for one projection's buffers (A table, B tables, slice
+    offsets, r), or None when the buffers do not suit it or it is not built: bound once by a LoRA
+    layer so that each call only passes the step's rows (`run_bound_kernel`)."""
+    a_tab, b_tabs = _row_tables(lora_a, lora_b)
+    if a_tab is None or not a_tab.is_contiguous() or a_tab.shape[1] > KERNEL_MAX_NR or cpu_ext.load() is None:
+        return None
+    return a_tab, b_tabs, [off for off, _ in out_slices], lora_a[0].shape[1]
+
+
+def run_bound_kernel(y, x, bound: tuple, scaling, batch: LoRABatch) -> bool:
+    """`add_lora`'s "auto" choice for a bound projection when that choice is the kernel: runs it and
+    returns True; False (nothing done) when the step's segments are long enough for GEMMs."""
+    plan = plan_for(batch)
+    if len(plan.rows) >= KERNEL_MAX_SEG_ROWS * len(plan.segs) or x.stride(-1) != 1 or y.stride(-1) != 1:
+        return False
+    a_tab, b_tabs, offs, r = bound
+    cpu_ext.load().bgmv(y, x, a_tab, b_tabs, offs, scaling, plan.token_slots, r)
+    return True
+
+
 def add_lora(y, x, lora_a, lora_b, scaling, batch: LoRABatch, out_slices, impl: str = "auto") -> None:
     """The CPU add-on for one fused projection: shrink then expand."""
     if not batch.has_lora:

@@ -73,7 +73,70 @@ void row_kernel(scalar_t* yr, const scalar_t* xr, float* xf, int64_t in, const s
     }
   }
 }
+// Four rows with the same slot (one adapter's segment): each A and B vector is loaded once for the
+// four rows. Every row's arithmetic is exactly row_kernel's (same accumulators, same order), so a
+// row's result does not depend on whether it was grouped with its neighbours.
+template <typename scalar_t>
+void rows4_kernel(scalar_t* const* yr, const scalar_t* const* xr, float* xf, int64_t in, const scalar_t* a,
+                  int64_t nr, const std::vector<const scalar_t*>& bs, const std::vector<int64_t>& offs,
+                  const std::vector<int64_t>& sizes, const float* sc, int64_t r) {
+  constexpr int R = 4;
+  const int64_t xs = in + 16;
+  for (int q = 0; q < R; ++q)
+    for (int64_t k = 0; k < in; k += 16) store16(xf + q * xs + k, load16(xr[q] + k, lanes(in - k)), lanes(in - k));
+  alignas(64) float v[R][kMaxNR];
+  for (int64_t c = 0; c < nr; c += 16) {  // shrink, 16 ranks at a time
+    const __mmask16 m = lanes(nr - c);
+    __m512 acc[R][4];
+    for (int q = 0; q < R; ++q)
+      for (int u = 0; u < 4; ++u) acc[q][u] = _mm512_setzero_ps();
+    const scalar_t* ac = a + c;
+    int64_t k = 0;
+    for (; k + 4 <= in; k += 4) {
+      __m512 av[4];
+      for (int u = 0; u < 4; ++u) av[u] = load16(ac + (k + u) * nr, m);
+      for (int q = 0; q < R; ++q)
+        for (int u = 0; u < 4; ++u) acc[q][u] = _mm512_fmadd_ps(_mm512_set1_ps(xf[q * xs + k + u]), av[u], acc[q][u]);
+    }
+    for (; k < in; ++k) {
+      const __m512 ak = load16(ac + k * nr, m);
+      for (int q = 0; q < R; ++q) acc[q][0] = _mm512_fmadd_ps(_mm512_set1_ps(xf[q * xs + k]), ak, acc[q][0]);
+    }
+    for (int q = 0; q < R; ++q)
+      _mm512_mask_storeu_ps(v[q] + c, m, _mm512_add_ps(_mm512_add_ps(acc[q][0], acc[q][1]), _mm512_add_ps(acc[q][2], acc[q][3])));
+  }
+  const int64_t n = static_cast<int64_t>(bs.size());
+  for (int64_t i = 0; i < n; ++i) {  // expand, 64 outputs of four rows at a time
+    if (sc[i] == 0.f) continue;
+    alignas(64) float w[R][kMaxNR];
+    for (int q = 0; q < R; ++q)
+      for (int64_t j = 0; j < r; ++j) w[q][j] = v[q][i * r + j] * sc[i];
+    const int64_t out = sizes[i];
+    const scalar_t* b = bs[i];
+    for (int64_t o = 0; o < out; o += 64) {
+      __mmask16 mk[4];
+      for (int u = 0; u < 4; ++u) mk[u] = lanes(out - o - 16 * u);
+      __m512 d[R][4];
+      for (int q = 0; q < R; ++q)
+        for (int u = 0; u < 4; ++u) d[q][u] = _mm512_setzero_ps();
+      for (int64_t j = 0; j < r; ++j) {
+        const scalar_t* br = b + j * out + o;
+        __m512 bv[4];
+        for (int u = 0; u < 4; ++u) bv[u] = load16(br + 16 * u, mk[u]);
+        for (int q = 0; q < R; ++q) {
+          const __m512 wj = _mm512_set1_ps(w[q][j]);
+          for (int u = 0; u < 4; ++u) d[q][u] = _mm512_fmadd_ps(wj, bv[u], d[q][u]);
+        }
+      }
+      for (int q = 0; q < R; ++q) {
+        scalar_t* y = yr[q] + offs[i] + o;
+        for (int u = 0; u < 4; ++u) store16(y + 16 * u, _mm512_add_ps(load16(y + 16 * u, mk[u]), d[q][u]), mk[u]);
+      }
+    }
+  }
+}
 #endif
+
 
 template <typename scalar_t>
 void row_kernel_generic(scalar_t* yr, const scalar_t* xr, int64_t in, const scalar_t* a, int64_t nr,
@@ -102,12 +165,14 @@ void bgmv_rows(scalar_t* y, int64_t y_stride, const scalar_t* x, int64_t x_strid
   const int64_t n = static_cast<int64_t>(b_tabs.size());
   const int64_t nr = n * r;
   at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
-    std::vector<float> xf(in + 16);
+    std::vector<float> xf(4 * (in + 16));
     std::vector<const scalar_t*> bs(n);
     float sc[kMaxNR];
     for (int64_t t = begin; t < end; ++t) {
       const int64_t s = slots[t];
       if (s < 0) continue;
+      // four rows of one adapter (an identical or skewed mix): one pass over its blocks for all four
+      [[maybe_unused]] const bool group = t + 4 <= end && slots[t + 1] == s && slots[t + 2] == s && slots[t + 3] == s;
 #ifdef LORAMUX_AVX512
       // Distinct adapters: each row jumps to another slot's blocks (tens of KB across several pages),
       // which the hardware prefetcher only picks up late. Keep kPrefetchRows rows' blocks in flight
@@ -132,6 +197,17 @@ void bgmv_rows(scalar_t* y, int64_t y_stride, const scalar_t* x, int64_t x_strid
       const scalar_t* a = a_tab + s * in * nr;
 #ifdef LORAMUX_AVX512
       if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
+        if (group) {
+          scalar_t* ys[4];
+          const scalar_t* xs[4];
+          for (int q = 0; q < 4; ++q) {
+            ys[q] = y + (t + q) * y_stride;
+            xs[q] = x + (t + q) * x_stride;
+          }
+          rows4_kernel<scalar_t>(ys, xs, xf.data(), in, a, nr, bs, offs, sizes, sc, r);
+          t += 3;
+          continue;
+        }
         row_kernel<scalar_t>(y + t * y_stride, x + t * x_stride, xf.data(), in, a, nr, bs, offs, sizes, sc, r);
         continue;
       }
@@ -157,6 +233,8 @@ void bgmv(torch::Tensor y, torch::Tensor x, torch::Tensor a_tab, std::vector<tor
   TORCH_CHECK(x.scalar_type() == y.scalar_type() && a_tab.scalar_type() == x.scalar_type(), "one dtype");
   const int64_t rows = x.size(0), in = x.size(1), num_slots = scaling.size(1);
   TORCH_CHECK(a_tab.size(0) == num_slots * in, "A table rows must be slots * in");
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < rows; ++t) TORCH_CHECK(sp[t] < num_slots, "slot ", sp[t], " outside the ", num_slots, " slots");
   std::vector<int64_t> sizes;
   for (size_t i = 0; i < b_tabs.size(); ++i) {
     const auto& b = b_tabs[i];

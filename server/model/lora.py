@@ -3,8 +3,9 @@ own adapter delta in one kernel call; `attach_lora` swaps it in for each `model.
 
 Data flow per call: `y = base(x)` ([T, in] -> [T, out], out = concatenated HF slices such as
 q|k|v), then if the step's `ForwardContext.lora` has active rows,
-`kernels.add_lora(y, x, A views, B views, scaling view, batch, out_slices)` adds in place, for each
-slice i and row t with slot s >= 0: `scaling[i, s] * (x[t] @ A_i[s].T) @ B_i[s].T`. The views are
+`kernels.add_lora(y, x, A views, B views, scaling view, batch, out_slices)` (bound once per layer as
+a `kernels.BoundLoRA`) adds in place, for each slice i and row t with slot s >= 0:
+`scaling[i, s] * (x[t] @ A_i[s].T) @ B_i[s].T`. The views are
 bound once to the `SlotPool`'s buffers for this layer, so loading an adapter into a slot is seen
 here without rebinding. The model's forward has no LoRA branches: it just calls `self.qkv_proj(x)`.
 """
@@ -35,6 +36,7 @@ class LoRALinear(nn.Module):
         self.lora_a = pool.a_views(layer_idx, self.slice_names)  # each [slots, r_max, in]
         self.lora_b = pool.b_views(layer_idx, self.slice_names)  # each [slots, out_i, r_max]
         self.scaling = pool.scaling_view(layer_idx, self.slice_names)  # [num_slices, slots] fp32
+        self.add_delta = kernels.BoundLoRA(self.lora_a, self.lora_b, self.scaling, self.out_slices)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -43,7 +45,7 @@ class LoRALinear(nn.Module):
             return y
         # The engine runs flattened [T, in]; tolerate extra leading dims by viewing them flat.
         x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
-        kernels.add_lora(y2, x2, self.lora_a, self.lora_b, self.scaling, batch, self.out_slices)
+        self.add_delta(y2, x2, batch)
         return y
 
     def extra_repr(self) -> str:

@@ -51,7 +51,7 @@ def make_case(token_slots, *, in_features=32, out_sizes=(16, 8, 8), r_max=8, num
 
 def expected(case: Case, token_slots) -> torch.Tensor:
     """poison + delta from the per-row reference, computed in fp32 on the CPU."""
-    y = case.y.float().cpu()
+    y = case.y.float().cpu().clone()  # .float() of an fp32 tensor is the tensor itself: never edit the case
     slots = torch.tensor(list(token_slots), dtype=torch.int32)
     cpu = lambda ts: [t.float().cpu() for t in ts]
     v = reference.shrink_rows(case.x.float().cpu(), cpu(case.lora_a), slots)

@@ -205,3 +205,52 @@ def test_stale_build_lock_is_removed(tmp_path):
     os.utime(lock, (old, old))
     assert cpu_ext._clear_stale_lock(lock) and not lock.exists()
     assert not cpu_ext._clear_stale_lock(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_kernel_rows_of_one_adapter_equal_rows_alone(dtype):
+    """Runs of >= 4 rows with one slot take the 4-row path; every row must come out bit-identical to
+    that row computed alone (batch invariance), and match the reference."""
+    slots = [4, 4, 4, 4, 4, 4, -1, 2, 2, 2, 2, 1, 4, 4, 4, 4]
+    case = make_case(slots, in_features=203, out_sizes=(131, 37, 37), r_max=16, num_slots=8, dtype=dtype,
+                     layout="table", seed=12)
+    y = case.y.clone()
+    cpu.add_lora(y, case.x, case.lora_a, case.lora_b, case.scaling, LoRABatch.build(slots), case.out_slices, "kernel")
+    check(y, case, slots)
+    for t, s in enumerate(slots):
+        alone = case.y[t : t + 1].clone()
+        cpu.add_lora(alone, case.x[t : t + 1], case.lora_a, case.lora_b, case.scaling, LoRABatch.build([s]),
+                     case.out_slices, "kernel")
+        assert torch.equal(alone[0], y[t]), f"row {t} differs from the same row alone"
+
+
+def test_fused_kernel_refuses_a_slot_beyond_the_pool():
+    from kernels import cpu_ext
+
+    case = make_case([0, 1], dtype=torch.float32, layout="table", seed=13)
+    a_tab, b_tabs = cpu._row_tables(case.lora_a, case.lora_b)
+    bad = torch.tensor([0, case.scaling.shape[1]])
+    with pytest.raises(RuntimeError, match="outside the"):
+        cpu_ext.load().bgmv(case.y.clone(), case.x, a_tab, b_tabs, [off for off, _ in case.out_slices],
+                            case.scaling, bad, case.lora_a[0].shape[1])
+
+
+@pytest.mark.parametrize("layout", ["plain", "table"])
+def test_bound_lora_matches_add_lora(layout):
+    """kernels.BoundLoRA (what LoRA layers call): the same result as add_lora on every call, the
+    kernel fast path after the first call (table layout), and add_lora's errors for a bad batch."""
+    calls = []
+    bound = None
+    for slots in ([0, 3, 3, -1, 5, 1], [2, 2, 2, 2, -1], [-1, -1]):
+        case = make_case(slots, dtype=torch.float32, layout=layout, seed=14)
+        if bound is None:
+            bound = kernels.BoundLoRA(case.lora_a, case.lora_b, case.scaling, case.out_slices)
+        else:  # same buffers every step, as a LoRA layer's views of the slot pool
+            case.lora_a, case.lora_b, case.scaling = bound.lora_a, bound.lora_b, bound.scaling
+        y = case.y.clone()
+        bound(y, case.x, LoRABatch.build(slots))
+        calls.append(bound._kernel is not None)
+        check(y, case, slots)
+    assert calls == [layout == "table"] * 3
+    with pytest.raises(ValueError, match="rows"):
+        bound(case.y.clone(), case.x, LoRABatch.build([0]))
