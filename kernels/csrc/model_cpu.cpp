@@ -224,17 +224,12 @@ inline __m512 sum_lanes16(const __m512* a) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(f0, f1, 0x88), _mm512_shuffle_f32x4(f0, f1, 0xDD));
 }
 
-template <typename T>
-inline void prefetch_rows(const T* p, int64_t n) {
-  const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64) _mm_prefetch(c + off, _MM_HINT_T0);
-}
 
 // Same math with ND = D / 16 vectors per head row, one query head at a time so that its query and
 // accumulators stay in registers (the group's K/V rows stay in L1 between heads); softmax 16 keys at
 // a time.
 template <typename T, int ND>
-void attend_vec(const AttnTask& a, const T* q, const T* kplane, const T* vplane, float* s, T* o) {
+void attend_vec(const AttnTask& a, const T* q, const T* kplane, const T* vplane, float* s, T* o, Prefetcher& pf) {
   const int64_t G = a.G, L = a.L, bs = a.bs;
   constexpr int64_t D = 16 * ND;
   const __mmask16 all = 0xFFFF;
@@ -246,10 +241,6 @@ void attend_vec(const AttnTask& a, const T* q, const T* kplane, const T* vplane,
     for (int64_t j0 = 0, blk = 0; j0 < L; j0 += bs, ++blk) {  // scores, rounded as a bmm output is
       const T* kb = kplane + static_cast<int64_t>(a.tab[blk]) * bs * D;
       const int64_t n = std::min(bs, L - j0);
-      if (g == 0) {  // first pass over the blocks: start the next K block and this V block on their way
-        if (j0 + bs < L) prefetch_rows(kplane + static_cast<int64_t>(a.tab[blk + 1]) * bs * D, bs * D);
-        prefetch_rows(vplane + static_cast<int64_t>(a.tab[blk]) * bs * D, n * D);
-      }
       for (int64_t jj0 = 0; jj0 < n; jj0 += 16) {  // 16 keys: 16 partial-sum vectors, one transpose-sum
         const int64_t m = std::min<int64_t>(16, n - jj0);
         __m512 dots[16];
@@ -259,6 +250,7 @@ void attend_vec(const AttnTask& a, const T* q, const T* kplane, const T* vplane,
             continue;
           }
           const T* k = kb + (jj0 + t) * D;
+          pf.step(1);
           __m512 d0 = _mm512_mul_ps(qv[0], load16(k, all));
           for (int c = 1; c < ND; ++c) d0 = _mm512_fmadd_ps(qv[c], load16(k + 16 * c, all), d0);
           dots[t] = d0;
@@ -288,21 +280,23 @@ void attend_vec(const AttnTask& a, const T* q, const T* kplane, const T* vplane,
       const T* vb = vplane + static_cast<int64_t>(a.tab[blk]) * bs * D;
       const int64_t n = std::min(bs, L - j0);
       for (int64_t jj = 0; jj < n; ++jj) {
+        pf.step(1);
         const __m512 p = _mm512_set1_ps(sg[j0 + jj]);
         for (int c = 0; c < ND; ++c) acc[c] = _mm512_fmadd_ps(p, load16(vb + jj * D + 16 * c, all), acc[c]);
       }
     }
     for (int c = 0; c < ND; ++c) store16(o + g * D + 16 * c, acc[c], all);
   }
+  pf.finish();
 }
 
 template <typename T>
-bool attend_vec_dispatch(const AttnTask& a, const T* q, const T* kp, const T* vp, float* s, T* o) {
+bool attend_vec_dispatch(const AttnTask& a, const T* q, const T* kp, const T* vp, float* s, T* o, Prefetcher& pf) {
   switch (a.D) {
-    case 64: attend_vec<T, 4>(a, q, kp, vp, s, o); return true;
-    case 128: attend_vec<T, 8>(a, q, kp, vp, s, o); return true;
-    case 96: attend_vec<T, 6>(a, q, kp, vp, s, o); return true;
-    case 256: attend_vec<T, 16>(a, q, kp, vp, s, o); return true;
+    case 64: attend_vec<T, 4>(a, q, kp, vp, s, o, pf); return true;
+    case 128: attend_vec<T, 8>(a, q, kp, vp, s, o, pf); return true;
+    case 96: attend_vec<T, 6>(a, q, kp, vp, s, o, pf); return true;
+    case 256: attend_vec<T, 16>(a, q, kp, vp, s, o, pf); return true;
     default: return false;
   }
 }
@@ -326,7 +320,19 @@ void decode_attention_impl(T* out, const T* qall, int64_t qs, const int64_t* row
       T* o = out + (i * H + kvh * G) * D;
 #ifdef LORAMUX_AVX512
       if constexpr (kVec<T>) {
-        if (attend_vec_dispatch<T>(a, q, kplane, vplane, sbuf.data(), o)) continue;
+        // the next task's K and V blocks stream into L2 while this one computes
+        Prefetcher pf;
+        if (task + 1 < e) {
+          const int64_t i2 = (task + 1) / KV, h2 = (task + 1) % KV, L2 = lens[i2];
+          const int32_t* tab2 = tables + i2 * tstride;
+          for (int64_t j0 = 0, blk = 0; j0 < L2; j0 += bs, ++blk) {
+            const int64_t off = static_cast<int64_t>(tab2[blk]) * bs * D;
+            const int64_t bytes = std::min(bs, L2 - j0) * D * static_cast<int64_t>(sizeof(T));
+            pf.add(cache + h2 * plane + off, bytes);
+            pf.add(cache + (KV + h2) * plane + off, bytes);
+          }
+        }
+        if (attend_vec_dispatch<T>(a, q, kplane, vplane, sbuf.data(), o, pf)) continue;
       }
 #endif
       attend_generic<T>(a, q, kplane, vplane, sbuf.data(), acc.data(), o);

@@ -47,6 +47,34 @@ inline __m512 round16(__m512 v) {
   return v;
 }
 
+// A list of memory regions fetched into L2 a few cache lines at a time (`step`) while other work
+// runs: a steady second stream next to the computation's own, where issuing hundreds of prefetches at
+// once stalls behind the miss buffers. Regions beyond kMaxRegions are left to the hardware.
+struct Prefetcher {
+  static constexpr int kMaxRegions = 64;
+  const char* ptr[kMaxRegions];
+  int64_t bytes[kMaxRegions];
+  int count = 0, cur = 0;
+  int64_t off = 0;
+  void add(const void* p, int64_t n) {
+    if (count < kMaxRegions && n > 0) {
+      ptr[count] = static_cast<const char*>(p);
+      bytes[count++] = n;
+    }
+  }
+  inline void step(int lines) {
+    for (; lines > 0 && cur < count; --lines) {
+      _mm_prefetch(ptr[cur] + off, _MM_HINT_T1);
+      off += 64;
+      if (off >= bytes[cur]) {
+        ++cur;
+        off = 0;
+      }
+    }
+  }
+  void finish() { step(1 << 30); }
+};
+
 // exp(x): x clamped to [-87, 88] (0 below -87), Cody-Waite reduction by ln2, degree-6 Taylor
 // polynomial on |r| <= ln2/2 (about 1 ulp), 2^n applied with scalef.
 inline __m512 exp16(__m512 x) {
