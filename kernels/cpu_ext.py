@@ -4,6 +4,7 @@
     rms_norm / rotary_ / silu_and_mul / kv_write / decode_attention
                                                           the decode step's non-linear ops, used by the
                                                           model through server/model/cpu_ops.py
+    argmax_rows(x)                                        the sampler's greedy pick (server/sampler.py)
 
 Why C++: at decode each LoRA projection is a few thousand multiply-adds per row, so the torch
 formulations (embedding_bag shrink, scale, per-slice embedding_bag expand and add) cost their per-op
@@ -101,6 +102,11 @@ def load():
             log.warning("fused CPU ops unavailable, using the torch formulations: %s", _state["error"])
             return None
     return _state["module"]
+
+
+def loaded():
+    """The module if it is already built and loaded, else None (never starts a build)."""
+    return _state.get("module")
 
 
 def status() -> str:

@@ -16,4 +16,5 @@ void silu_and_mul(torch::Tensor out, torch::Tensor gate_up);
 void kv_write(torch::Tensor cache, torch::Tensor k, torch::Tensor v, torch::Tensor slots);
 void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor rows, torch::Tensor cache,
                       torch::Tensor tables, torch::Tensor lens, int64_t heads, double scale);
+torch::Tensor argmax_rows(torch::Tensor x);
 }  // namespace loramux

@@ -5,6 +5,7 @@
 //   silu_and_mul(out, gate_up)                  out = silu(gate) * up
 //   kv_write(cache, k, v, slots)                the step's K and V rows into the paged cache
 //   decode_attention(out, q, rows, cache, tables, lens, heads, scale)   one query token per sequence
+//   argmax_rows(x)                              greedy sampling: first maximum per fp32 row
 // Numerics follow the Hugging Face eager formulas op by op: every intermediate that HF keeps in the
 // model dtype is rounded to it here too (bf16: round to nearest even), statistics and accumulation
 // are fp32. Rows are independent (no reduction across rows), so a row's result never depends on the
@@ -345,6 +346,42 @@ void decode_attention_impl(T* out, const T* qall, int64_t qs, const int64_t* row
   AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
                          AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
 
+// Index of the first maximum of a float row; NaN counts as the maximum (torch.argmax's rule), so a
+// row with a NaN gives its first NaN.
+int64_t argmax_row(const float* x, int64_t n) {
+#ifdef LORAMUX_AVX512
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  __mmask16 nan = 0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    mx = _mm512_max_ps(mx, v);
+  }
+  float best = _mm512_reduce_max_ps(mx);
+  bool has_nan = nan != 0;
+  for (int64_t j = i; j < n; ++j) {
+    has_nan |= x[j] != x[j];
+    best = x[j] > best ? x[j] : best;
+  }
+  if (!has_nan) {  // first index holding `best`
+    const __m512 b = _mm512_set1_ps(best);
+    for (i = 0; i + 16 <= n; i += 16) {
+      const __mmask16 eq = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + i), b, _CMP_EQ_OQ);
+      if (eq) return i + __builtin_ctz(static_cast<unsigned>(eq));
+    }
+    for (; i < n; ++i)
+      if (x[i] == best) return i;
+  }
+#endif
+  int64_t arg = 0;  // generic path, and rows with a NaN
+  for (int64_t j = 0; j < n; ++j) {
+    if (x[j] != x[j]) return j;
+    if (x[j] > x[arg]) arg = j;
+  }
+  return arg;
+}
+
 void check_cpu(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
 }
@@ -465,6 +502,19 @@ void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor rows, to
                                     cache.data_ptr<scalar_t>(), KV, NB, bs, D, tb, tables.stride(0), l, B, heads,
                                     static_cast<float>(scale));
   });
+}
+
+torch::Tensor argmax_rows(torch::Tensor x) {
+  check_rows(x, "x");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.size(1) > 0, "x must be float32 [N, V > 0]");
+  auto out = torch::empty({x.size(0)}, x.options().dtype(at::kLong));
+  const float* p = x.data_ptr<float>();
+  int64_t* o = out.data_ptr<int64_t>();
+  const int64_t n = x.size(1), stride = x.stride(0);
+  at::parallel_for(0, x.size(0), 1, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) o[r] = argmax_row(p + r * stride, n);
+  });
+  return out;
 }
 
 }  // namespace loramux

@@ -254,3 +254,24 @@ def test_fused_engine_model_matches_torch_path(ext, dtype):
     tol = 1e-4 if dtype == "float32" else 0.1
     torch.testing.assert_close(outs[True], outs[False], rtol=tol, atol=tol)
     assert torch.equal(outs[True].argmax(-1), outs[False].argmax(-1))
+
+
+def test_argmax_rows_matches_torch(ext):
+    """First maximum per row, ties to the lowest index, NaN wins, -inf rows give 0; odd widths."""
+    from server.sampler import argmax_rows
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 1003, generator=g)
+    x[1, 17] = x[1, 900] = 50.0  # a tie: the first one
+    x[2, 500] = float("nan")
+    x[2, 3] = float("inf")  # NaN still wins, as torch.argmax has it
+    x[3] = float("-inf")
+    x[4, 1002] = 99.0  # the maximum in the scalar tail
+    x[5, :] = 1.0  # all equal
+    assert torch.equal(ext.argmax_rows(x), x.argmax(-1))
+    assert torch.equal(argmax_rows(x), x.argmax(-1))
+    wide = torch.randn(32, 49152, generator=g)
+    assert torch.equal(ext.argmax_rows(wide), wide.argmax(-1))
+    assert torch.equal(ext.argmax_rows(wide[:, :777]), wide[:, :777].argmax(-1))  # strided rows
+    with pytest.raises(RuntimeError, match="float32"):
+        ext.argmax_rows(wide.bfloat16())
