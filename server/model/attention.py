@@ -117,14 +117,36 @@ def build_attention_plan(ctx: ForwardContext, kv_cache: torch.Tensor) -> Attenti
     return plan
 
 
+def paged_attention_fused(qkv: torch.Tensor, q_size: int, kv_size: int, kv_cache: torch.Tensor,
+                          ctx: ForwardContext, plan: AttentionPlan, scale: float, ops, heads: int) -> torch.Tensor:
+    """The fused-ops path: qkv [T, q|k|v] (rotated) -> out [T, H, D]. K/V are written with one
+    `kv_write`, decode rows use the `decode_attention` kernel, prefills the torch path below."""
+    T = qkv.shape[0]
+    ops.kv_write(kv_cache, qkv[:, q_size : q_size + kv_size], qkv[:, q_size + kv_size :], ctx.slot_mapping)
+    if plan.all_decode and plan.decode_q_rows is not None:
+        out = qkv.new_empty(T, heads, kv_cache.shape[-1])
+        ops.decode_attention(out, qkv[:, :q_size], plan.decode_q_rows, kv_cache, plan.decode_tables,
+                             plan.decode_lens, heads, scale)
+        return out
+    D = kv_cache.shape[-1]
+    q = qkv[:, :q_size].view(T, heads, D)
+    k = qkv[:, q_size : q_size + kv_size].view(T, -1, D)
+    v = qkv[:, q_size + kv_size :].view(T, -1, D)
+    return paged_attention(q, k, v, kv_cache, ctx, plan, scale, ops, written=True)
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                    ctx: ForwardContext, plan: AttentionPlan, scale: float, ops=None) -> torch.Tensor:
-    """q [T, H, D], k/v [T, KV, D] (rotated) -> out [T, H, D]; writes k/v into `kv_cache`."""
+                    ctx: ForwardContext, plan: AttentionPlan, scale: float, ops=None,
+                    written: bool = False) -> torch.Tensor:
+    """q [T, H, D], k/v [T, KV, D] (rotated) -> out [T, H, D]; writes k/v into `kv_cache` (unless
+    `written`: the caller already did)."""
     T, H, D = q.shape
     KV = k.shape[1]
     G = H // KV
     _, _, num_blocks, bs, _ = kv_cache.shape
-    if ops is not None:
+    if written:
+        pass
+    elif ops is not None:
         ops.kv_write(kv_cache, k.view(T, KV * D), v.view(T, KV * D), ctx.slot_mapping)
     else:
         # K|V of the step, [2, T, KV, D] -> [2, KV, T, D] -> rows (K|V, head, token) of the flat view

@@ -43,6 +43,9 @@ def prepack_supported(device: torch.device, dtype: torch.dtype) -> bool:
             and os.environ.get("LORAMUX_CPU_PREPACK", "1") != "0")
 
 
+_linear_pointwise = torch.ops.mkldnn._linear_pointwise
+
+
 class PackedLinear(nn.Linear):
     """`nn.Linear` whose inference forward runs oneDNN on a pre-packed weight."""
 
@@ -68,7 +71,10 @@ class PackedLinear(nn.Linear):
         w = self.weight
         if torch.is_grad_enabled() or x.dtype != w.dtype or x.device.type != "cpu" or x.dim() < 2:
             return F.linear(x, w, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self._pack(), self.bias, "none", [], "")
+        packed = self._packed  # the repack check of _pack(), inlined: this runs ~120 times per step
+        if packed is None or self._packed_version != (-2 if w.is_inference() else w._version):
+            packed = self._pack()
+        return _linear_pointwise(x, packed, self.bias, "none", [], "")
 
 
 def prepack_linears(model: nn.Module, batch_hint: int = 32, available: int | None = -1) -> int:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from server.model.attention import AttentionPlan, build_attention_plan, paged_attention
+from server.model.attention import AttentionPlan, build_attention_plan, paged_attention, paged_attention_fused
 from server.model.config import ModelConfig
 from server.model.context import ForwardContext, get_context, use_context
 from server.model.layers import RMSNorm, silu_and_mul
@@ -58,14 +58,15 @@ class LlamaAttention(nn.Module):
         if self.kv_cache is None or plan is None:
             raise RuntimeError("bind_kv_cache() must be called before forward()")
         # q|k rotated in one go: [T, (H + KV) * D] -> [T, H + KV, D] (half the elementwise ops)
-        if ops is not None:
-            ops.rotary_(qkv, cos, sin, H + KV, D)  # in place
-            qk = qkv[:, : self.q_size + self.kv_size].view(T, H + KV, D)
-        else:
-            qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(T, H + KV, D), cos, sin)
+        if ops is not None:  # rotary in place; attention reads q|k|v as column ranges of qkv
+            ops.rotary_(qkv, cos, sin, H + KV, D)
+            o = paged_attention_fused(qkv, self.q_size, self.kv_size, self.kv_cache, get_context(), plan,
+                                      self.scale, ops, H)
+            return self.o_proj(o.view(T, self.q_size))
+        qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(T, H + KV, D), cos, sin)
         q, k = qk[:, :H], qk[:, H:]  # views [T, H, D], [T, KV, D]
         v = qkv[:, self.q_size + self.kv_size :].view(T, KV, D)
-        o = paged_attention(q, k, v, self.kv_cache, get_context(), plan, self.scale, ops)
+        o = paged_attention(q, k, v, self.kv_cache, get_context(), plan, self.scale)
         return self.o_proj(o.reshape(T, self.q_size))  # [T, H, D] -> [T, q_size] -> [T, hidden]
 
 
@@ -92,9 +93,9 @@ class LlamaDecoderLayer(nn.Module):
         """h: the previous sublayer's output (the embeddings, with residual None, for layer 0) ->
         (this layer's MLP output, the residual stream before it is added)."""
         h, residual = self.input_layernorm.residual_norm(h, residual, ops)
-        h = self.self_attn(h, cos, sin, plan, ops)
+        h = self.self_attn.forward(h, cos, sin, plan, ops)
         h, residual = self.post_attention_layernorm.residual_norm(h, residual, ops)
-        return self.mlp(h, ops), residual
+        return self.mlp.forward(h, ops), residual
 
 
 class LlamaModel(nn.Module):
@@ -117,8 +118,8 @@ class LlamaModel(nn.Module):
         cache = getattr(self.layers[0].self_attn, "kv_cache", None)
         plan = build_attention_plan(ctx, cache) if cache is not None else None
         h, residual = x, None
-        for layer in self.layers:
-            h, residual = layer(h, residual, cos, sin, plan, ops)
+        for layer in self.layers:  # .forward: ~330 module calls per step, no hooks to run
+            h, residual = layer.forward(h, residual, cos, sin, plan, ops)
         return self.norm.residual_norm(h, residual, ops)[0]
 
 

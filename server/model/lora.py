@@ -39,7 +39,7 @@ class LoRALinear(nn.Module):
         self.add_delta = kernels.BoundLoRA(self.lora_a, self.lora_b, self.scaling, self.out_slices)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        y = self.base.forward(x)  # no hooks on the wrapped projection: skip the module-call machinery
         batch = get_context().lora
         if batch is None or not batch.has_lora:
             return y
