@@ -5,6 +5,7 @@
                                                           the decode step's non-linear ops, used by the
                                                           model through server/model/cpu_ops.py
     argmax_rows(x)                                        the sampler's greedy pick (server/sampler.py)
+    DecodeLoop                                            all layers of a decode step in one call
 
 Why C++: at decode each LoRA projection is a few thousand multiply-adds per row, so the torch
 formulations (embedding_bag shrink, scale, per-slice embedding_bag expand and add) cost their per-op
@@ -32,8 +33,8 @@ from pathlib import Path
 log = logging.getLogger("loramux.kernels")
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = [_CSRC / "bindings.cpp", _CSRC / "bgmv_cpu.cpp", _CSRC / "model_cpu.cpp"]
-_HEADERS = [_CSRC / "loramux_cpu.h"]
+_SOURCES = [_CSRC / "bindings.cpp", _CSRC / "bgmv_cpu.cpp", _CSRC / "model_cpu.cpp", _CSRC / "decode_loop.cpp"]
+_HEADERS = [_CSRC / "loramux_cpu.h", _CSRC / "vec512.h"]
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "module" or "error"
 

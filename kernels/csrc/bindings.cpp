@@ -10,5 +10,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_and_mul", &loramux::silu_and_mul, "out = silu(gate) * up of a fused gate|up row");
   m.def("kv_write", &loramux::kv_write, "the step's K and V columns of qkv into the paged cache");
   m.def("argmax_rows", &loramux::argmax_rows, "index of the first maximum of each float32 row (NaN wins)");
+  loramux::bind_decode_loop(m);
   m.def("decode_attention", &loramux::decode_attention, "paged attention of one query token per sequence");
 }

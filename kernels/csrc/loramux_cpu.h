@@ -1,5 +1,6 @@
 // The fused CPU ops of loramux, one extension module (bindings.cpp): the LoRA BGMV kernel
-// (bgmv_cpu.cpp) and the decode-step model ops (model_cpu.cpp).
+// (bgmv_cpu.cpp), the decode-step model ops (model_cpu.cpp) and the decoder loop that chains them
+// (decode_loop.cpp).
 #pragma once
 #include <torch/extension.h>
 
@@ -17,4 +18,5 @@ void kv_write(torch::Tensor cache, torch::Tensor k, torch::Tensor v, torch::Tens
 void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor rows, torch::Tensor cache,
                       torch::Tensor tables, torch::Tensor lens, int64_t heads, double scale);
 torch::Tensor argmax_rows(torch::Tensor x);
+void bind_decode_loop(pybind11::module& m);
 }  // namespace loramux

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from server.model.tracked import Tracked
+
 _PACKABLE = (torch.float32, torch.bfloat16)
 log = logging.getLogger("loramux.model")
 
@@ -46,7 +48,7 @@ def prepack_supported(device: torch.device, dtype: torch.dtype) -> bool:
 _linear_pointwise = torch.ops.mkldnn._linear_pointwise
 
 
-class PackedLinear(nn.Linear):
+class PackedLinear(Tracked, nn.Linear):
     """`nn.Linear` whose inference forward runs oneDNN on a pre-packed weight."""
 
     def __init__(self, base: nn.Linear, batch_hint: int = 32):

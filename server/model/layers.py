@@ -11,8 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from server.model.tracked import Tracked
 
-class RMSNorm(nn.Module):
+
+class RMSNorm(Tracked):
     """y = weight * (x / sqrt(mean(x^2) + eps)), statistics in fp32 (as `LlamaRMSNorm`)."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:

@@ -26,6 +26,7 @@ from server.model.config import ModelConfig
 from server.model.context import ForwardContext, get_context, use_context
 from server.model.layers import RMSNorm, silu_and_mul
 from server.model.rope import RotaryEmbedding, apply_rotary
+from server.model.tracked import Tracked
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class LoRATarget:
     slices: tuple[tuple[str, int], ...]
 
 
-class LlamaAttention(nn.Module):
+class LlamaAttention(Tracked):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (
@@ -70,7 +71,7 @@ class LlamaAttention(nn.Module):
         return self.o_proj(o.reshape(T, self.q_size))  # [T, H, D] -> [T, q_size] -> [T, hidden]
 
 
-class LlamaMLP(nn.Module):
+class LlamaMLP(Tracked):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
@@ -80,7 +81,7 @@ class LlamaMLP(nn.Module):
         return self.down_proj(silu_and_mul(self.gate_up_proj(x), ops))
 
 
-class LlamaDecoderLayer(nn.Module):
+class LlamaDecoderLayer(Tracked):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -98,7 +99,7 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp.forward(h, ops), residual
 
 
-class LlamaModel(nn.Module):
+class LlamaModel(Tracked):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
@@ -106,6 +107,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(cfg)
         self.cpu_ops = None  # the fused CPU ops module, set by server.model.cpu_ops.enable_cpu_ops
+        self.decode_loop = None  # (generation, kernels.cpu_ext DecodeLoop | None), built on first use
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         ops = self.cpu_ops
@@ -117,13 +119,19 @@ class LlamaModel(nn.Module):
         # a paged LlamaAttention then refuses to run (bind_kv_cache() first).
         cache = getattr(self.layers[0].self_attn, "kv_cache", None)
         plan = build_attention_plan(ctx, cache) if cache is not None else None
+        if ops is not None and plan is not None and plan.all_decode and plan.decode_q_rows is not None:
+            from server.model.cpu_ops import run_decode_loop
+
+            out = run_decode_loop(self, ops, x, cos, sin, ctx, plan)
+            if out is not None:  # all layers in one C++ call (same kernels, same results)
+                return out
         h, residual = x, None
         for layer in self.layers:  # .forward: ~330 module calls per step, no hooks to run
             h, residual = layer.forward(h, residual, cos, sin, plan, ops)
         return self.norm.residual_norm(h, residual, ops)[0]
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(Tracked):
     """`forward(input_ids [T] int64, ctx) -> hidden [T, hidden]`; `compute_logits(h) -> [N, vocab] fp32`."""
 
     def __init__(self, cfg: ModelConfig) -> None:

@@ -19,9 +19,10 @@ from torch import nn
 import kernels
 from adapters.slots import SlotPool
 from server.model.context import get_context
+from server.model.tracked import Tracked
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(Tracked):
     def __init__(self, base: nn.Linear, layer_idx: int, slices: Sequence[tuple[str, int]], pool: SlotPool):
         super().__init__()
         widths = [w for _, w in slices]

@@ -275,3 +275,83 @@ def test_argmax_rows_matches_torch(ext):
     assert torch.equal(ext.argmax_rows(wide[:, :777]), wide[:, :777].argmax(-1))  # strided rows
     with pytest.raises(RuntimeError, match="float32"):
         ext.argmax_rows(wide.bfloat16())
+
+
+def _run_engine(engine, adapters, names, use_loop: bool, seed: int = 8):
+    """Greedy generation with logprobs for one request per name; -> {request: (tokens, logprobs)}."""
+    from server.sampling_params import SamplingParams
+
+    engine.runner.model.model.use_decode_loop = use_loop
+    rng = random.Random(seed)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=3)
+    refs = []
+    for i, name in enumerate(names):
+        ref = adapters.registry.acquire(name) if name else None
+        refs.append(ref)
+        prompt = [rng.randrange(3, 1000) for _ in range(5 + 3 * i)]  # different lengths
+        engine.add_request(f"r{use_loop}-{i}", prompt, params, ref)
+    out = {}
+    while engine.has_unfinished():
+        for d in engine.step():
+            toks, lps = out.setdefault(d.request_id.split("-")[1], ([], []))
+            toks += d.token_ids
+            lps += [(lp.logprob, lp.top) for lp in d.logprobs or []]
+    for ref in refs:
+        if ref is not None:
+            adapters.registry.release(ref)
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_loop_is_bit_identical_to_the_layer_path(ext, dtype):
+    """The C++ DecodeLoop (all layers of a decode step in one call) against the Python layer loop
+    over the same fused ops: same tokens and bit-identical logprobs, for base rows and several
+    adapters (two rows share one) in one batch."""
+    from server.bench import BenchAdapters, random_model
+    from server.engine_builder import build_llm_engine
+    from server.model import cpu_ops
+
+    loaded = random_model("tiny", dtype, "cpu")
+    adapters = BenchAdapters(loaded)
+    for i in range(3):
+        adapters.add(f"ad{i}", 8, seed=20 + i)
+    engine = build_llm_engine(loaded, manager=adapters, max_num_seqs=8, max_slots=4, max_lora_rank=8,
+                              kv_cache_tokens=512)
+    used = []
+    real = cpu_ops.run_decode_loop
+    try:
+        cpu_ops.run_decode_loop = lambda *a: used.append(1) or real(*a)
+        names = [None, "ad0", "ad1", "ad1", "ad2", None]
+        with_loop = _run_engine(engine, adapters, names, True)
+        assert len(used) >= 5  # the decode steps went through the loop
+        without = _run_engine(engine, adapters, names, False)
+    finally:
+        cpu_ops.run_decode_loop = real
+    assert all(len(toks) == 6 and len(lps) == 6 for toks, lps in with_loop.values())
+    assert with_loop == without
+
+
+def test_decode_loop_is_rebuilt_when_the_model_changes(ext):
+    """Swapping a module (a Tracked assignment) or editing a pre-packed weight in place makes the
+    next decode step rebuild the loop instead of using stale references."""
+    from server.bench import BenchAdapters, random_model
+    from server.engine_builder import build_llm_engine
+
+    loaded = random_model("tiny", "float32", "cpu")
+    adapters = BenchAdapters(loaded)
+    engine = build_llm_engine(loaded, manager=adapters, max_num_seqs=4, max_slots=2, kv_cache_tokens=256)
+    inner = engine.runner.model.model
+    first = _run_engine(engine, adapters, [None, None], True)
+    loop = inner.decode_loop
+    assert loop is not None and loop[1] is not None
+    assert _run_engine(engine, adapters, [None, None], True) == first
+    assert inner.decode_loop is loop  # nothing changed: reused
+    with torch.no_grad():
+        inner.layers[0].mlp.down_proj.base.weight.mul_(0.5)  # in place: the packed copy is stale
+    edited = _run_engine(engine, adapters, [None, None], True)
+    assert inner.decode_loop is not loop
+    assert edited == _run_engine(engine, adapters, [None, None], False)  # and it matches the layer path
+    loop = inner.decode_loop
+    inner.layers[1].self_attn.kv_cache = inner.layers[1].self_attn.kv_cache  # any Tracked assignment
+    _run_engine(engine, adapters, [None], True)
+    assert inner.decode_loop is not loop
