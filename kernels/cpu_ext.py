@@ -52,7 +52,7 @@ def _cpu_tag() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-STALE_LOCK_S = 300  # a build takes ~20 s; an older lock was left by a process killed mid-build
+STALE_LOCK_S = 300  # a build takes about a minute; an older lock was left by a process killed mid-build
 
 
 def _clear_stale_lock(lock: Path, max_age_s: float = STALE_LOCK_S) -> bool:
