@@ -11,5 +11,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kv_write", &loramux::kv_write, "the step's K and V columns of qkv into the paged cache");
   m.def("argmax_rows", &loramux::argmax_rows, "index of the first maximum of each float32 row (NaN wins)");
   loramux::bind_decode_loop(m);
+  m.def("bf16_gemm_available", &loramux::bf16_gemm_available, "whether the AVX512-BF16 GEMM was compiled in");
+  m.def("pack_bf16_weight", &loramux::pack_bf16_weight, "bf16 [N, K] -> panels for bf16_gemm");
+  m.def("bf16_gemm", &loramux::bf16_gemm, "y = x @ W.T from a pack_bf16_weight panel layout");
   m.def("decode_attention", &loramux::decode_attention, "paged attention of one query token per sequence");
 }

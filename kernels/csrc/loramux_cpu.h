@@ -19,4 +19,7 @@ void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor rows, to
                       torch::Tensor tables, torch::Tensor lens, int64_t heads, double scale);
 torch::Tensor argmax_rows(torch::Tensor x);
 void bind_decode_loop(pybind11::module& m);
+bool bf16_gemm_available();
+torch::Tensor pack_bf16_weight(torch::Tensor w);
+torch::Tensor bf16_gemm(torch::Tensor x, torch::Tensor packed, int64_t n_out);
 }  // namespace loramux
