@@ -62,8 +62,9 @@ def _best_time(fn, device, reps=5) -> float:
 
 
 def measure_rates(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
-    """Matmul FLOP/s in `dtype` (the best of `a @ b` and, on CPU, a oneDNN pre-packed linear, which
-    the engine uses) and memory read bytes/s (the best of a reduction and a copy)."""
+    """Matmul FLOP/s in `dtype` (the best of `a @ b` and, on CPU, the pre-packed linears the engine
+    uses: oneDNN's, and for bf16 the AVX512-BF16 GEMM of kernels/csrc/gemm_bf16.cpp) and memory read
+    bytes/s (the best of a reduction and a copy)."""
     n = 4096 if device.type == "cuda" else 1536
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
@@ -72,6 +73,12 @@ def measure_rates(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
         packed = torch.ops.mkldnn._reorder_linear_weight(b, n)
         flops = max(flops, 2 * n**3 / _best_time(
             lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""), device))
+        from kernels import cpu_ext
+
+        ext = cpu_ext.load()
+        if dtype == torch.bfloat16 and ext is not None and ext.bf16_gemm_available():  # and our bf16 GEMM
+            panels = ext.pack_bf16_weight(b.t().contiguous())
+            flops = max(flops, 2 * n**3 / _best_time(lambda: ext.bf16_gemm(a, panels, n), device))
     numel = (1 << 30 if device.type == "cuda" else 1 << 27) // 4  # 1 GiB / 128 MiB of fp32
     x = torch.rand(numel, device=device)
     y = torch.empty_like(x)

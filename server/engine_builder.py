@@ -99,6 +99,10 @@ def build_llm_engine(
         max_waiting=max_waiting,
         starvation_steps=starvation_steps,
     )
+    if loaded.device.type == "cpu":  # build (or load the cached) C++ ops first: the bf16 packing uses them
+        from kernels import cpu_ext
+
+        cpu_ext.load()
     packed = prepack_linears(model, batch_hint=max_num_seqs)  # CPU only; a no-op elsewhere
     if packed:
         log.info("pre-packed %d linear weights for oneDNN", packed)

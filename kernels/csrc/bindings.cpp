@@ -13,6 +13,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   loramux::bind_decode_loop(m);
   m.def("bf16_gemm_available", &loramux::bf16_gemm_available, "whether the AVX512-BF16 GEMM was compiled in");
   m.def("pack_bf16_weight", &loramux::pack_bf16_weight, "bf16 [N, K] -> panels for bf16_gemm");
-  m.def("bf16_gemm", &loramux::bf16_gemm, "y = x @ W.T from a pack_bf16_weight panel layout");
+  m.def("bf16_gemm", &loramux::bf16_gemm, "y = x @ W.T (+ bias) from a pack_bf16_weight panel layout",
+        pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("n_out"), pybind11::arg("bias") = pybind11::none());
   m.def("decode_attention", &loramux::decode_attention, "paged attention of one query token per sequence");
 }

@@ -3,7 +3,7 @@
 // A decode step at batch 32 is about 300 small calls (4 projections, 2 norms, rotary, KV write,
 // attention, activation per layer); from Python each costs its module call, attribute lookups and
 // argument checks, about 2 ms per step in all. Here the same calls, in the same order and with the
-// same kernels (model_cpu.cpp, bgmv_cpu.cpp, oneDNN's pre-packed linear), run from C++: the results
+// same kernels (model_cpu.cpp, bgmv_cpu.cpp, gemm_bf16.cpp or oneDNN's pre-packed linear), run from C++: the results
 // are bit-identical to the Python path (tests/model/test_cpu_ops.py), only the overhead goes.
 //
 // Holds references to the model's tensors (weights, pre-packed weights, KV caches, LoRA slot-pool
@@ -21,9 +21,10 @@ namespace loramux {
 namespace {
 
 struct Proj {
-  torch::Tensor weight;  // pre-packed (oneDNN) or plain [out, in]
+  torch::Tensor weight;  // plain [out, in], oneDNN pre-packed, or gemm_bf16.cpp panels (see kind)
   c10::optional<torch::Tensor> bias;
-  bool packed = false;
+  int64_t kind = 0;  // 0: at::linear, 1: oneDNN pre-packed, 2: bf16_gemm
+  int64_t n_out = 0;
   bool lora = false;
   torch::Tensor a_tab, scaling;
   std::vector<torch::Tensor> b_tabs;
@@ -61,10 +62,11 @@ class DecodeLoop {
     TORCH_CHECK(H > 0 && KV > 0 && H % KV == 0 && D > 0 && I > 0, "bad model dimensions");
   }
 
-  using ProjArgs = std::tuple<torch::Tensor, c10::optional<torch::Tensor>, bool, c10::optional<torch::Tensor>,
+  using ProjArgs = std::tuple<torch::Tensor, c10::optional<torch::Tensor>, int64_t, int64_t, c10::optional<torch::Tensor>,
                               std::vector<torch::Tensor>, std::vector<int64_t>, c10::optional<torch::Tensor>, int64_t>;
 
-  // projs: qkv, o, gate_up, down as (weight, bias, packed, a_tab | None, b_tabs, offs, scaling | None, r)
+  // projs: qkv, o, gate_up, down as
+  // (weight, bias, kind, out_features, a_tab | None, b_tabs, offs, scaling | None, r)
   void add_layer(torch::Tensor in_w, torch::Tensor post_w, torch::Tensor cache, std::vector<ProjArgs> projs) {
     TORCH_CHECK(projs.size() == 4, "a layer has 4 projections");
     Layer l;
@@ -73,11 +75,13 @@ class DecodeLoop {
     l.cache = std::move(cache);
     Proj* dst[4] = {&l.qkv, &l.o, &l.gate_up, &l.down};
     for (int i = 0; i < 4; ++i) {
-      auto& [w, b, packed, a_tab, b_tabs, offs, scaling, r] = projs[i];
+      auto& [w, b, kind, n_out, a_tab, b_tabs, offs, scaling, r] = projs[i];
+      TORCH_CHECK(kind >= 0 && kind <= 2, "unknown projection kind ", kind);
       Proj& p = *dst[i];
       p.weight = w;
       p.bias = b;
-      p.packed = packed;
+      p.kind = kind;
+      p.n_out = n_out;
       if (a_tab.has_value()) {
         TORCH_CHECK(scaling.has_value() && b_tabs.size() == offs.size() && !b_tabs.empty(), "bad LoRA tables");
         p.lora = true;
@@ -125,7 +129,9 @@ class DecodeLoop {
 
  private:
   torch::Tensor project(const Proj& p, const torch::Tensor& x, const c10::optional<torch::Tensor>& slots) const {
-    torch::Tensor y = p.packed ? packed_linear(x, p) : at::linear(x, p.weight, p.bias);
+    torch::Tensor y = p.kind == 2   ? bf16_gemm(x, p.weight, p.n_out, p.bias)
+                      : p.kind == 1 ? packed_linear(x, p)
+                                    : at::linear(x, p.weight, p.bias);
     if (p.lora && slots.has_value()) bgmv(y, x, p.a_tab, p.b_tabs, p.offs, p.scaling, *slots, p.r);
     return y;
   }
@@ -137,7 +143,7 @@ class DecodeLoop {
 };
 
 void bind_decode_loop(pybind11::module& m) {
-  pybind11::class_<DecodeLoop>(m, "DecodeLoop")
+  pybind11::class_<DecodeLoop>(m, "DecodeLoop", pybind11::module_local())
       .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, double, double, torch::Tensor>())
       .def("add_layer", &DecodeLoop::add_layer)
       .def("num_layers", &DecodeLoop::num_layers)

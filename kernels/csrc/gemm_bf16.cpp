@@ -31,7 +31,7 @@ constexpr int64_t kMR = 8;   // rows per tile
 #ifdef LORAMUX_BF16_GEMM
 // One tile: rows x[0..mr) (mr <= 8) times one panel -> y[0..mr, 0..nr).
 inline void tile(const uint16_t* x, int64_t ldx, int64_t mr, const uint16_t* panel, int64_t K2, uint16_t* y,
-                 int64_t ldy, int64_t nr, Prefetcher& pf, int lines_per_step) {
+                 int64_t ldy, int64_t nr, const __m512* bias, Prefetcher& pf, int lines_per_step) {
   const uint16_t* rows[kMR];
   for (int64_t m = 0; m < kMR; ++m) rows[m] = x + (m < mr ? m : 0) * ldx;  // spare rows re-read row 0
   __m512 c[kMR][3];
@@ -56,7 +56,8 @@ inline void tile(const uint16_t* x, int64_t ldx, int64_t mr, const uint16_t* pan
     for (int64_t j = 0; j < 3; ++j) {
       const __mmask16 mk = lanes(nr - 16 * j);
       if (mk == 0) break;
-      const __m256i h = (__m256i)_mm512_cvtneps_pbh(c[m][j]);
+      // the bias is added before the one rounding, as F.linear does
+      const __m256i h = (__m256i)_mm512_cvtneps_pbh(bias != nullptr ? _mm512_add_ps(c[m][j], bias[j]) : c[m][j]);
       _mm256_mask_storeu_epi16(yr + 16 * j, mk, h);
     }
   }
@@ -95,7 +96,7 @@ torch::Tensor pack_bf16_weight(torch::Tensor w) {
   return packed;
 }
 
-torch::Tensor bf16_gemm(torch::Tensor x, torch::Tensor packed, int64_t n_out) {
+torch::Tensor bf16_gemm(torch::Tensor x, torch::Tensor packed, int64_t n_out, c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(bf16_gemm_available(), "this build has no AVX512-BF16 GEMM");
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.stride(1) == 1,
               "x must be a CPU bf16 [M, K] with contiguous rows");
@@ -104,6 +105,8 @@ torch::Tensor bf16_gemm(torch::Tensor x, torch::Tensor packed, int64_t n_out) {
   const int64_t M = x.size(0), K2 = packed.size(1), P = packed.size(0);
   TORCH_CHECK(x.size(1) == 2 * K2, "x has ", x.size(1), " columns, the weight ", 2 * K2);
   TORCH_CHECK(n_out > (P - 1) * kNR && n_out <= P * kNR, "n_out does not match the packed weight");
+  if (bias.has_value())
+    TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->is_contiguous() && bias->numel() == n_out, "bad bias");
   auto y = torch::empty({M, n_out}, x.options());
 #ifdef LORAMUX_BF16_GEMM
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
@@ -119,9 +122,12 @@ torch::Tensor bf16_gemm(torch::Tensor x, torch::Tensor packed, int64_t n_out) {
       Prefetcher pf;  // the next panel of this thread's range, spread over this panel's tiles
       if (p + 1 < e) pf.add(panel + panel_elems, panel_elems * 2);
       const int64_t nr = std::min(kNR, n_out - p * kNR);
+      __m512 bv[3];
+      for (int64_t j = 0; j < 3 && bias.has_value(); ++j)
+        bv[j] = load16(bias->data_ptr<c10::BFloat16>() + p * kNR + 16 * j, lanes(nr - 16 * j));
       for (int64_t t = 0; t < tiles; ++t) {
         const int64_t m0 = t * kMR;
-        tile(xp + m0 * ldx, ldx, std::min(kMR, M - m0), panel, K2, yp + m0 * n_out + p * kNR, n_out, nr, pf,
+        tile(xp + m0 * ldx, ldx, std::min(kMR, M - m0), panel, K2, yp + m0 * n_out + p * kNR, n_out, nr, bias.has_value() ? bv : nullptr, pf,
              lines_per_step);
       }
       pf.finish();

@@ -21,5 +21,5 @@ torch::Tensor argmax_rows(torch::Tensor x);
 void bind_decode_loop(pybind11::module& m);
 bool bf16_gemm_available();
 torch::Tensor pack_bf16_weight(torch::Tensor w);
-torch::Tensor bf16_gemm(torch::Tensor x, torch::Tensor packed, int64_t n_out);
+torch::Tensor bf16_gemm(torch::Tensor x, torch::Tensor packed, int64_t n_out, c10::optional<torch::Tensor> bias);
 }  // namespace loramux

@@ -59,7 +59,7 @@ def _lora_slots(batch):
 
 
 def _proj_args(module: nn.Module):
-    """(weight, bias, packed, a_tab, b_tabs, offs, scaling, r) for DecodeLoop.add_layer, the packed
+    """(weight, bias, kind, out_features, a_tab, b_tabs, offs, scaling, r) for DecodeLoop.add_layer, the packed
     weight (or None when it is not pre-packed), or None when the projection does not suit the loop."""
     from kernels import cpu as kcpu
     from server.model.cpu_linear import PackedLinear
@@ -74,9 +74,11 @@ def _proj_args(module: nn.Module):
         lora = (a_tab, b_tabs, offs, module.scaling, r)
         module = module.base
     if isinstance(module, PackedLinear):
-        return (module._pack(), module.bias, True, *lora), module.weight
+        packed = module._pack()
+        kind = 2 if module.kind == "bf16_gemm" else 1
+        return (packed, module.bias, kind, module.out_features, *lora), module.weight
     if type(module) is nn.Linear:
-        return (module.weight, module.bias, False, *lora), None
+        return (module.weight, module.bias, 0, module.out_features, *lora), None
     return None
 
 

@@ -14,7 +14,8 @@ pytestmark = pytest.mark.skipif(not prepack_supported(torch.device("cpu"), torch
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 7, 32, 200])
-def test_matches_f_linear(dtype, rows):
+def test_matches_f_linear(dtype, rows, monkeypatch):
+    monkeypatch.setenv("LORAMUX_CPU_BF16_GEMM", "0")  # oneDNN here; the bf16 GEMM has its own tests below
     g = torch.Generator().manual_seed(rows)
     lin = nn.Linear(96, 160, bias=True).to(dtype)
     with torch.no_grad():
@@ -100,3 +101,62 @@ def test_weights_made_under_inference_mode():
         packed = PackedLinear(lin)
         x = torch.randn(3, 16)
         torch.testing.assert_close(packed(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture()
+def ext():
+    from kernels import cpu_ext
+
+    mod = cpu_ext.load()
+    assert mod is not None, cpu_ext.status()
+    if not mod.bf16_gemm_available():
+        pytest.skip("no AVX512-BF16 on this CPU")
+    return mod
+
+
+@pytest.mark.parametrize("rows", [1, 7, 8, 9, 32, 33, 300])
+@pytest.mark.parametrize(("n", "k", "bias"), [(96, 64, False), (50, 38, True), (3 * 48 + 17, 1536, True)])
+def test_bf16_gemm_matches_an_fp32_reference(ext, rows, n, k, bias):
+    """The AVX512-BF16 GEMM: every row tile size (8 and tails), output widths that are no multiple of
+    the 48-column panel, long K, bias: equal to the fp32 product rounded once to bf16 (up to the
+    summation order: at most one bf16 step apart), and close to F.linear."""
+    g = torch.Generator().manual_seed(rows + n)
+    w = torch.randn(n, k, generator=g).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16() if bias else None
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    got = ext.bf16_gemm(x, ext.pack_bf16_weight(w), n, b).float()
+    ref = x.float() @ w.float().t() + (b.float() if bias else 0)
+    # one bf16 step at the reference's magnitude, plus fp32 summation-order noise where terms cancel
+    bound = ref.abs() * 2.0**-7 + 2.0**-20 * (x.float().abs() @ w.float().abs().t())
+    assert bool(((got - ref).abs() <= bound).all()), ((got - ref).abs() - bound).max()
+    torch.testing.assert_close(got, F.linear(x, w, b).float(), rtol=2**-7, atol=1e-2)
+
+
+def test_bf16_gemm_refuses_bad_shapes(ext):
+    with pytest.raises(RuntimeError, match="even"):
+        ext.pack_bf16_weight(torch.randn(8, 5).bfloat16())
+    packed = ext.pack_bf16_weight(torch.randn(8, 6).bfloat16())
+    with pytest.raises(RuntimeError, match="columns"):
+        ext.bf16_gemm(torch.randn(2, 8).bfloat16(), packed, 8)
+    with pytest.raises(RuntimeError, match="n_out"):
+        ext.bf16_gemm(torch.randn(2, 6).bfloat16(), packed, 100)
+
+
+def test_packed_linear_uses_the_bf16_gemm_once_loaded(ext, monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    lin = nn.Linear(64, 80, bias=True).bfloat16()
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(80, 64, generator=g))
+    x = torch.randn(5, 64, generator=g).bfloat16()
+    packed = PackedLinear(lin)
+    with torch.inference_mode():
+        got = packed(x)
+    assert packed.kind == "bf16_gemm"
+    assert torch.equal(got, ext.bf16_gemm(x, ext.pack_bf16_weight(lin.weight.detach()), 80, lin.bias.detach()))
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(x.view(1, 5, 64)), got.view(1, 5, 80))  # leading dims
+    monkeypatch.setenv("LORAMUX_CPU_BF16_GEMM", "0")
+    off = PackedLinear(lin)
+    with torch.inference_mode():
+        off(x)
+    assert off.kind == "onednn"
