@@ -64,9 +64,10 @@ def cpu_fast_paths(engine: LLMEngine) -> dict:
     from kernels import cpu_ext
     from server.model.cpu_linear import PackedLinear
 
-    packed = sum(isinstance(m, PackedLinear) for m in engine.runner.model.modules())
+    packed = [m for m in engine.runner.model.modules() if isinstance(m, PackedLinear)]
     fused = getattr(getattr(engine.runner.model, "model", None), "cpu_ops", None) is not None
-    return {"cpu_prepacked_linears": packed, "cpu_lora_kernel": cpu_ext.status(), "cpu_fused_layer_ops": fused}
+    return {"cpu_prepacked_linears": len(packed), "cpu_bf16_gemm_linears": sum(m.kind == "bf16_gemm" for m in packed),
+            "cpu_lora_kernel": cpu_ext.status(), "cpu_fused_layer_ops": fused}
 
 
 def build_llm_engine(
