@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "vec512.h"
@@ -20,6 +21,55 @@ namespace loramux {
 namespace {
 
 constexpr int64_t kMaxNR = 256;  // n * r_max handled per row (3 slices x rank 64 = 192)
+
+#if defined(LORAMUX_AVX512) && defined(__AVX512BF16__)
+#define LORAMUX_BGMV_DPBF16 1
+// bf16 shrink with vdpbf16ps: v[q][c..c+16) = x_q @ A[:, c..c+16) for R rows of one slot. A's rows k
+// and k+1 are interleaved into (k, k+1) pairs per rank with one permute; the pair (x[k], x[k+1]) is
+// broadcast as a dword. Two accumulators per (row, 16 ranks): k-pairs alternate between them; the
+// sum is acc0 + acc1. Single rows and groups of four both come here, so a row's result does not
+// depend on its neighbours.
+template <int R>
+inline void shrink_dpbf16(const c10::BFloat16* const* xr, int64_t in, const c10::BFloat16* a, int64_t nr, float* v,
+                          Prefetcher* pf) {
+  alignas(64) static const uint16_t kIdx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i idx = _mm512_load_si512(kIdx);
+  const uint16_t* au = reinterpret_cast<const uint16_t*>(a);
+  for (int64_t c = 0; c < nr; c += 16) {
+    const __mmask16 m = lanes(nr - c);
+    __m512 acc[R][2];
+    for (int q = 0; q < R; ++q) acc[q][0] = acc[q][1] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 4 <= in; k += 4) {
+      if (pf != nullptr) pf->step(1);
+      for (int u = 0; u < 2; ++u) {
+        const int64_t kk = k + 2 * u;
+        const __m256i r0 = _mm256_maskz_loadu_epi16(m, au + kk * nr + c);
+        const __m256i r1 = _mm256_maskz_loadu_epi16(m, au + (kk + 1) * nr + c);
+        const __m512bh b = (__m512bh)_mm512_permutex2var_epi16(_mm512_castsi256_si512(r0), idx, _mm512_castsi256_si512(r1));
+        for (int q = 0; q < R; ++q) {
+          int32_t pair;
+          std::memcpy(&pair, xr[q] + kk, 4);
+          acc[q][u] = _mm512_dpbf16_ps(acc[q][u], (__m512bh)_mm512_set1_epi32(pair), b);
+        }
+      }
+    }
+    for (; k < in; k += 2) {  // tail pairs; an odd last k pairs with a zero
+      const bool odd = k + 1 >= in;
+      const __m256i r0 = _mm256_maskz_loadu_epi16(m, au + k * nr + c);
+      const __m256i r1 = odd ? _mm256_setzero_si256() : _mm256_maskz_loadu_epi16(m, au + (k + 1) * nr + c);
+      const __m512bh b = (__m512bh)_mm512_permutex2var_epi16(_mm512_castsi256_si512(r0), idx, _mm512_castsi256_si512(r1));
+      for (int q = 0; q < R; ++q) {
+        uint32_t pair = reinterpret_cast<const uint16_t*>(xr[q])[k];
+        if (!odd) pair |= static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(xr[q])[k + 1]) << 16;
+        acc[q][0] = _mm512_dpbf16_ps(acc[q][0], (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(pair)), b);
+      }
+    }
+    for (int q = 0; q < R; ++q) _mm512_mask_storeu_ps(v + q * kMaxNR + c, m, _mm512_add_ps(acc[q][0], acc[q][1]));
+  }
+}
+#endif
 
 #ifdef LORAMUX_AVX512
 // `pf` streams the next row's adapter blocks (its A block, one B block per slice) into L2 while this
@@ -30,8 +80,14 @@ template <typename scalar_t>
 void row_kernel(scalar_t* yr, const scalar_t* xr, float* xf, int64_t in, const scalar_t* a, int64_t nr,
                 const std::vector<const scalar_t*>& bs, const std::vector<int64_t>& offs,
                 const std::vector<int64_t>& sizes, const float* sc, int64_t r, Prefetcher& pf) {
-  for (int64_t k = 0; k < in; k += 16) store16(xf + k, load16(xr + k, lanes(in - k)), lanes(in - k));
   alignas(64) float v[kMaxNR];
+#ifdef LORAMUX_BGMV_DPBF16
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    shrink_dpbf16<1>(&xr, in, a, nr, v, &pf);
+  } else
+#endif
+  {
+  for (int64_t k = 0; k < in; k += 16) store16(xf + k, load16(xr + k, lanes(in - k)), lanes(in - k));
   for (int64_t c = 0; c < nr; c += 16) {  // shrink, 16 ranks at a time
     const __mmask16 m = lanes(nr - c);
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -46,6 +102,7 @@ void row_kernel(scalar_t* yr, const scalar_t* xr, float* xf, int64_t in, const s
     }
     for (; k < in; ++k) a0 = _mm512_fmadd_ps(_mm512_set1_ps(xf[k]), load16(ac + k * nr, m), a0);
     _mm512_mask_storeu_ps(v + c, m, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  }
   }
   const int64_t n = static_cast<int64_t>(bs.size());
   for (int64_t i = 0; i < n; ++i) {  // expand, 64 outputs at a time (4 independent FMA chains)
@@ -86,9 +143,15 @@ void rows4_kernel(scalar_t* const* yr, const scalar_t* const* xr, float* xf, int
                   const std::vector<int64_t>& sizes, const float* sc, int64_t r) {
   constexpr int R = 4;
   const int64_t xs = in + 16;
+  alignas(64) float v[R][kMaxNR];
+#ifdef LORAMUX_BGMV_DPBF16
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    shrink_dpbf16<R>(xr, in, a, nr, &v[0][0], nullptr);
+  } else
+#endif
+  {
   for (int q = 0; q < R; ++q)
     for (int64_t k = 0; k < in; k += 16) store16(xf + q * xs + k, load16(xr[q] + k, lanes(in - k)), lanes(in - k));
-  alignas(64) float v[R][kMaxNR];
   for (int64_t c = 0; c < nr; c += 16) {  // shrink, 16 ranks at a time
     const __mmask16 m = lanes(nr - c);
     __m512 acc[R][4];
@@ -108,6 +171,7 @@ void rows4_kernel(scalar_t* const* yr, const scalar_t* const* xr, float* xf, int
     }
     for (int q = 0; q < R; ++q)
       _mm512_mask_storeu_ps(v[q] + c, m, _mm512_add_ps(_mm512_add_ps(acc[q][0], acc[q][1]), _mm512_add_ps(acc[q][2], acc[q][3])));
+  }
   }
   const int64_t n = static_cast<int64_t>(bs.size());
   for (int64_t i = 0; i < n; ++i) {  // expand, 64 outputs of four rows at a time
