@@ -13,6 +13,7 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <algorithm>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -102,6 +103,17 @@ class DecodeLoop {
                         torch::Tensor q_rows, torch::Tensor tables, torch::Tensor lens,
                         c10::optional<torch::Tensor> lora_slots) {
     TORCH_CHECK(h.dim() == 2 && h.is_contiguous(), "h must be a contiguous [T, hidden]");
+    // A few adapters in the step (one shared adapter, a skewed mix): their blocks for each projection
+    // are fetched into L2 during that projection's GEMM, not on demand by the LoRA kernel.
+    step_slots.clear();
+    if (lora_slots.has_value()) {
+      TORCH_CHECK(lora_slots->scalar_type() == at::kLong && lora_slots->is_contiguous(), "lora slots must be int64");
+      const int64_t* sp = lora_slots->data_ptr<int64_t>();
+      for (int64_t t = 0; t < lora_slots->numel() && static_cast<int64_t>(step_slots.size()) <= kPrefetchSlots; ++t)
+        if (sp[t] >= 0 && std::find(step_slots.begin(), step_slots.end(), sp[t]) == step_slots.end())
+          step_slots.push_back(sp[t]);
+      if (static_cast<int64_t>(step_slots.size()) > kPrefetchSlots) step_slots.clear();
+    }
     const int64_t T = h.size(0), q_size = H * D, kv_size = KV * D;
     c10::optional<torch::Tensor> residual;
     torch::Tensor cur = h;
@@ -128,18 +140,30 @@ class DecodeLoop {
   }
 
  private:
-  torch::Tensor project(const Proj& p, const torch::Tensor& x, const c10::optional<torch::Tensor>& slots) const {
-    torch::Tensor y = p.kind == 2   ? bf16_gemm(x, p.weight, p.n_out, p.bias)
+  torch::Tensor project(const Proj& p, const torch::Tensor& x, const c10::optional<torch::Tensor>& slots) {
+    regions.clear();
+    if (p.lora && slots.has_value() && p.kind == 2) {
+      const int64_t esz = p.a_tab.element_size(), in = x.size(1), nr = p.a_tab.size(1);
+      for (int64_t s : step_slots) {
+        regions.emplace_back(static_cast<const char*>(p.a_tab.data_ptr()) + s * in * nr * esz, in * nr * esz);
+        for (const auto& b : p.b_tabs)
+          regions.emplace_back(static_cast<const char*>(b.data_ptr()) + s * p.r * b.size(1) * esz, p.r * b.size(1) * esz);
+      }
+    }
+    torch::Tensor y = p.kind == 2   ? bf16_gemm_prefetching(x, p.weight, p.n_out, p.bias, regions)
                       : p.kind == 1 ? packed_linear(x, p)
                                     : at::linear(x, p.weight, p.bias);
     if (p.lora && slots.has_value()) bgmv(y, x, p.a_tab, p.b_tabs, p.offs, p.scaling, *slots, p.r);
     return y;
   }
 
+  static constexpr int64_t kPrefetchSlots = 4;  // more distinct adapters than this: the kernel streams them itself
   int64_t H, KV, D, I;
   double eps, scale;
   torch::Tensor final_w;
   std::vector<Layer> layers;
+  std::vector<int64_t> step_slots;
+  std::vector<std::pair<const void*, int64_t>> regions;
 };
 
 void bind_decode_loop(pybind11::module& m) {

@@ -97,6 +97,14 @@ torch::Tensor pack_bf16_weight(torch::Tensor w) {
 }
 
 torch::Tensor bf16_gemm(torch::Tensor x, torch::Tensor packed, int64_t n_out, c10::optional<torch::Tensor> bias) {
+  return bf16_gemm_prefetching(x, packed, n_out, bias, {});
+}
+
+// `extra`: memory regions (pointer, bytes) that the next op will read (a LoRA adapter's blocks), fetched
+// into each thread's L2 a few lines per panel while the GEMM runs.
+torch::Tensor bf16_gemm_prefetching(torch::Tensor x, torch::Tensor packed, int64_t n_out,
+                                    c10::optional<torch::Tensor> bias,
+                                    const std::vector<std::pair<const void*, int64_t>>& extra) {
   TORCH_CHECK(bf16_gemm_available(), "this build has no AVX512-BF16 GEMM");
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.stride(1) == 1,
               "x must be a CPU bf16 [M, K] with contiguous rows");
@@ -116,8 +124,14 @@ torch::Tensor bf16_gemm(torch::Tensor x, torch::Tensor packed, int64_t n_out, c1
   const int64_t tiles = (M + kMR - 1) / kMR;
   const int64_t panel_lines = panel_elems * 2 / 64;
   const int lines_per_step = static_cast<int>(std::max<int64_t>(1, (panel_lines + tiles * K2 - 1) / (tiles * K2)));
+  int64_t extra_lines = 0;
+  for (const auto& r : extra) extra_lines += (r.second + 63) / 64;
   at::parallel_for(0, P, 1, [&](int64_t b, int64_t e) {
+    Prefetcher ahead;
+    for (const auto& r : extra) ahead.add(r.first, r.second);
+    const int per_panel = static_cast<int>((extra_lines + (e - b) - 1) / std::max<int64_t>(1, e - b));
     for (int64_t p = b; p < e; ++p) {
+      ahead.step(per_panel);
       const uint16_t* panel = wp + p * panel_elems;
       Prefetcher pf;  // the next panel of this thread's range, spread over this panel's tiles
       if (p + 1 < e) pf.add(panel + panel_elems, panel_elems * 2);

@@ -4,6 +4,7 @@
 #pragma once
 #include <torch/extension.h>
 
+#include <utility>
 #include <vector>
 
 namespace loramux {
@@ -22,4 +23,7 @@ void bind_decode_loop(pybind11::module& m);
 bool bf16_gemm_available();
 torch::Tensor pack_bf16_weight(torch::Tensor w);
 torch::Tensor bf16_gemm(torch::Tensor x, torch::Tensor packed, int64_t n_out, c10::optional<torch::Tensor> bias);
+torch::Tensor bf16_gemm_prefetching(torch::Tensor x, torch::Tensor packed, int64_t n_out,
+                                    c10::optional<torch::Tensor> bias,
+                                    const std::vector<std::pair<const void*, int64_t>>& extra);
 }  // namespace loramux
