@@ -40,7 +40,7 @@ def engine_point(args, out: Path, tag: str) -> float:
     # The point runs three times back to back; the first warms up (the server side gets one unmeasured
     # wave too) and the best of the other two counts: noise can only favour the engine side.
     subprocess.run([sys.executable, "-m", "server.bench", "--batch-sizes", ",".join([str(args.batch)] * 3),
-                    "--mixes", "distinct",
+                    "--mixes", "distinct", "--repeats", "1",
                     "--rank", str(args.rank), "--prompt-tokens", str(args.prompt_tokens), "--new-tokens",
                     str(args.new_tokens), "--dtype", args.dtype, "--json", str(path)], check=True, cwd=ROOT)
     return max(r["output_tokens_per_s"] for r in json.loads(path.read_text())["records"][1:])

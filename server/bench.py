@@ -6,7 +6,8 @@
 One run measures, side by side: this machine's matmul rate and memory read bandwidth (so every
 point gets its roofline floor), then for each batch size and mix — none (base only), identical
 (one adapter), distinct (one adapter per request), skewed (Zipf over the batch) — the engine's
-output tokens/s and median decode-step time; with `--baseline peft`, Hugging Face transformers +
+output tokens/s and median decode-step time (each point the median of `--repeats` runs, the mixes
+of a batch size taken round-robin so that they share the machine's noise); with `--baseline peft`, Hugging Face transformers +
 PEFT mixed-adapter `generate` on the same weights, adapters and batch. Prints a table with
 ratios and writes one JSON record per point.
 
@@ -231,12 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peft-batch-sizes", default="32", help="batch sizes for the PEFT baseline")
     ap.add_argument("--json", help="write one record per point to this file")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=3, help="runs per point, mixes round-robin; the median is kept")
     args = ap.parse_args(argv)
     try:
         batches = [int(b) for b in args.batch_sizes.split(",")]
         mixes = [m for m in args.mixes.split(",") if m]
-        if any(m not in MIXES for m in mixes) or any(b < 1 for b in batches):
-            raise ValueError(f"--mixes must be among {MIXES}; batch sizes >= 1")
+        if any(m not in MIXES for m in mixes) or any(b < 1 for b in batches) or args.repeats < 1:
+            raise ValueError(f"--mixes must be among {MIXES}; batch sizes and --repeats >= 1")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -261,16 +263,25 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     rng = random.Random(args.seed)
     for b in batches:
+        # Each repeat runs every mix once, round-robin, so that all mixes of a batch size see the same
+        # stretch of machine noise; a point is the median of its repeats.
+        names = {mix: mix_names(mix, b, rng) for mix in mixes}
+        runs: dict[str, list[dict]] = {mix: [] for mix in mixes}
+        for rep in range(args.repeats):
+            for mix in mixes:
+                r = run_point(engine, adapters, names[mix], args.prompt_tokens, args.new_tokens,
+                              seed=rng.randrange(1 << 30))
+                runs[mix].append(r)
+                print(f"  batch {b:3d} {mix:10s} {r['output_tokens_per_s']:9.1f} tok/s  step {r['step_ms']:7.2f} ms"
+                      f"  (repeat {rep + 1}/{args.repeats})", flush=True)
         for mix in mixes:
-            names = mix_names(mix, b, rng)
-            distinct = len({n for n in names if n})
-            r = run_point(engine, adapters, names, args.prompt_tokens, args.new_tokens, seed=rng.randrange(1 << 30))
+            distinct = len({n for n in names[mix] if n})
             fl = floor_ms(loaded, rates, b, distinct, args.rank, args.prompt_tokens + args.new_tokens // 2)
+            r = {key: statistics.median(x[key] for x in runs[mix]) for key in runs[mix][0]}
+            r["repeats_tokens_per_s"] = [x["output_tokens_per_s"] for x in runs[mix]]
             records.append({"mix": mix, "batch_size": b, "dtype": dtype_name, "rank": args.rank,
                             "distinct_adapters": distinct, "floor_ms": fl, "fraction_of_floor": fl / r["step_ms"],
                             "device": str(loaded.device), "model": loaded.name, **r})
-            print(f"  batch {b:3d} {mix:10s} {r['output_tokens_per_s']:9.1f} tok/s  step {r['step_ms']:7.2f} ms  "
-                  f"floor {fl:6.2f} ms", flush=True)
     if args.baseline == "peft":
         for b in [int(x) for x in args.peft_batch_sizes.split(",")]:
             for mix in ("none", "distinct"):
