@@ -64,7 +64,7 @@ def _best_time(fn, device, reps=5) -> float:
 
 def measure_rates(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     """Matmul FLOP/s in `dtype` (the best of `a @ b` and, on CPU, the pre-packed linears the engine
-    uses: oneDNN's, and for bf16 the AVX512-BF16 GEMM of kernels/csrc/gemm_bf16.cpp) and memory read
+    uses: oneDNN's and our GEMMs of kernels/csrc/gemm_bf16.cpp and gemm_f32.cpp) and memory read
     bytes/s (the best of a reduction and a copy)."""
     n = 4096 if device.type == "cuda" else 1536
     a = torch.randn(n, n, device=device).to(dtype)
@@ -77,9 +77,12 @@ def measure_rates(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
         from kernels import cpu_ext
 
         ext = cpu_ext.load()
-        if dtype == torch.bfloat16 and ext is not None and ext.bf16_gemm_available():  # and our bf16 GEMM
+        if dtype == torch.bfloat16 and ext is not None and ext.bf16_gemm_available():  # and our GEMMs
             panels = ext.pack_bf16_weight(b.t().contiguous())
             flops = max(flops, 2 * n**3 / _best_time(lambda: ext.bf16_gemm(a, panels, n), device))
+        if dtype == torch.float32 and ext is not None and ext.f32_gemm_available():
+            panels = ext.pack_f32_weight(b.t().contiguous())
+            flops = max(flops, 2 * n**3 / _best_time(lambda: ext.f32_gemm(a, panels, n), device))
     numel = (1 << 30 if device.type == "cuda" else 1 << 27) // 4  # 1 GiB / 128 MiB of fp32
     x = torch.rand(numel, device=device)
     y = torch.empty_like(x)

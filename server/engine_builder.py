@@ -66,7 +66,7 @@ def cpu_fast_paths(engine: LLMEngine) -> dict:
 
     packed = [m for m in engine.runner.model.modules() if isinstance(m, PackedLinear)]
     fused = getattr(getattr(engine.runner.model, "model", None), "cpu_ops", None) is not None
-    return {"cpu_prepacked_linears": len(packed), "cpu_bf16_gemm_linears": sum(m.kind == "bf16_gemm" for m in packed),
+    return {"cpu_prepacked_linears": len(packed), "cpu_own_gemm_linears": sum(m.kind != "onednn" for m in packed),
             "cpu_lora_kernel": cpu_ext.status(), "cpu_fused_layer_ops": fused}
 
 

@@ -12,6 +12,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("argmax_rows", &loramux::argmax_rows, "index of the first maximum of each float32 row (NaN wins)");
   loramux::bind_decode_loop(m);
   m.def("bf16_gemm_available", &loramux::bf16_gemm_available, "whether the AVX512-BF16 GEMM was compiled in");
+  m.def("f32_gemm_available", &loramux::f32_gemm_available, "whether the AVX-512 fp32 GEMM was compiled in");
+  m.def("pack_f32_weight", &loramux::pack_f32_weight, "float32 [N, K] -> panels for f32_gemm");
+  m.def("f32_gemm", &loramux::f32_gemm, "y = x @ W.T (+ bias) from a pack_f32_weight panel layout",
+        pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("n_out"), pybind11::arg("bias") = pybind11::none());
   m.def("pack_bf16_weight", &loramux::pack_bf16_weight, "bf16 [N, K] -> panels for bf16_gemm");
   m.def("bf16_gemm", &loramux::bf16_gemm, "y = x @ W.T (+ bias) from a pack_bf16_weight panel layout",
         pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("n_out"), pybind11::arg("bias") = pybind11::none());

@@ -3,7 +3,8 @@
 // A decode step at batch 32 is about 300 small calls (4 projections, 2 norms, rotary, KV write,
 // attention, activation per layer); from Python each costs its module call, attribute lookups and
 // argument checks, about 2 ms per step in all. Here the same calls, in the same order and with the
-// same kernels (model_cpu.cpp, bgmv_cpu.cpp, gemm_bf16.cpp or oneDNN's pre-packed linear), run from C++: the results
+// same kernels (model_cpu.cpp, bgmv_cpu.cpp, gemm_bf16.cpp / gemm_f32.cpp or oneDNN's pre-packed linear), run from
+// C++: the results
 // are bit-identical to the Python path (tests/model/test_cpu_ops.py), only the overhead goes.
 //
 // Holds references to the model's tensors (weights, pre-packed weights, KV caches, LoRA slot-pool
@@ -24,7 +25,7 @@ namespace {
 struct Proj {
   torch::Tensor weight;  // plain [out, in], oneDNN pre-packed, or gemm_bf16.cpp panels (see kind)
   c10::optional<torch::Tensor> bias;
-  int64_t kind = 0;  // 0: at::linear, 1: oneDNN pre-packed, 2: bf16_gemm
+  int64_t kind = 0;  // 0: at::linear, 1: oneDNN pre-packed, 2: bf16_gemm, 3: f32_gemm
   int64_t n_out = 0;
   bool lora = false;
   torch::Tensor a_tab, scaling;
@@ -77,7 +78,7 @@ class DecodeLoop {
     Proj* dst[4] = {&l.qkv, &l.o, &l.gate_up, &l.down};
     for (int i = 0; i < 4; ++i) {
       auto& [w, b, kind, n_out, a_tab, b_tabs, offs, scaling, r] = projs[i];
-      TORCH_CHECK(kind >= 0 && kind <= 2, "unknown projection kind ", kind);
+      TORCH_CHECK(kind >= 0 && kind <= 3, "unknown projection kind ", kind);
       Proj& p = *dst[i];
       p.weight = w;
       p.bias = b;
@@ -142,7 +143,7 @@ class DecodeLoop {
  private:
   torch::Tensor project(const Proj& p, const torch::Tensor& x, const c10::optional<torch::Tensor>& slots) {
     regions.clear();
-    if (p.lora && slots.has_value() && p.kind == 2) {
+    if (p.lora && slots.has_value() && p.kind == 2) {  // (the fp32 GEMM takes no extra regions)
       const int64_t esz = p.a_tab.element_size(), in = x.size(1), nr = p.a_tab.size(1);
       for (int64_t s : step_slots) {
         regions.emplace_back(static_cast<const char*>(p.a_tab.data_ptr()) + s * in * nr * esz, in * nr * esz);
@@ -150,7 +151,8 @@ class DecodeLoop {
           regions.emplace_back(static_cast<const char*>(b.data_ptr()) + s * p.r * b.size(1) * esz, p.r * b.size(1) * esz);
       }
     }
-    torch::Tensor y = p.kind == 2   ? bf16_gemm_prefetching(x, p.weight, p.n_out, p.bias, regions)
+    torch::Tensor y = p.kind == 3   ? f32_gemm(x, p.weight, p.n_out, p.bias)
+                      : p.kind == 2 ? bf16_gemm_prefetching(x, p.weight, p.n_out, p.bias, regions)
                       : p.kind == 1 ? packed_linear(x, p)
                                     : at::linear(x, p.weight, p.bias);
     if (p.lora && slots.has_value()) bgmv(y, x, p.a_tab, p.b_tabs, p.offs, p.scaling, *slots, p.r);

@@ -21,6 +21,9 @@ void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor rows, to
 torch::Tensor argmax_rows(torch::Tensor x);
 void bind_decode_loop(pybind11::module& m);
 bool bf16_gemm_available();
+bool f32_gemm_available();
+torch::Tensor pack_f32_weight(torch::Tensor w);
+torch::Tensor f32_gemm(torch::Tensor x, torch::Tensor packed, int64_t n_out, c10::optional<torch::Tensor> bias);
 torch::Tensor pack_bf16_weight(torch::Tensor w);
 torch::Tensor bf16_gemm(torch::Tensor x, torch::Tensor packed, int64_t n_out, c10::optional<torch::Tensor> bias);
 torch::Tensor bf16_gemm_prefetching(torch::Tensor x, torch::Tensor packed, int64_t n_out,

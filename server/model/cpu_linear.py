@@ -4,10 +4,11 @@
 call; a weight packed once into oneDNN's blocked format skips that. Measured here on decode-sized
 inputs (32 rows x SmolLM2 projections, weights cold in cache, see docs/bench-engine-*.json): fp32
 2.3-3.7x faster, bf16 about 1.3x faster, with the same results (bf16 bit-identical, fp32 equal up to
-summation order). For bf16, once the C++ ops (kernels/cpu_ext.py) are loaded, the packed copy is
-in the panel layout of our own AVX512-BF16 GEMM instead (kernels/csrc/gemm_bf16.cpp): 1.4-1.7x
-oneDNN's pre-packed linear at 32 rows with cold weights, at least as fast up to 2048 rows; same
-math (fp32 accumulation, one rounding), different summation order. `LORAMUX_CPU_BF16_GEMM=0` keeps
+summation order). Once the C++ ops (kernels/cpu_ext.py) are loaded, the packed copy is in the
+panel layout of our own GEMMs instead: AVX512-BF16 for bf16 (kernels/csrc/gemm_bf16.cpp: 1.4-1.7x
+oneDNN's pre-packed linear at 32 rows with cold weights, at least as fast up to 2048 rows) and
+AVX-512 FMA for fp32 (kernels/csrc/gemm_f32.cpp: a step's linears 21 vs 30 ms at 32 rows); same
+math (fp32 accumulation, bf16 rounded once), different summation order. `LORAMUX_CPU_GEMM=0` keeps
 oneDNN.
 
 `PackedLinear` is an `nn.Linear` (same parameters, same `state_dict`, so training, HF export and the
@@ -53,23 +54,29 @@ def prepack_supported(device: torch.device, dtype: torch.dtype) -> bool:
 _linear_pointwise = torch.ops.mkldnn._linear_pointwise
 
 
-def bf16_gemm_enabled() -> bool:
-    return os.environ.get("LORAMUX_CPU_BF16_GEMM", "1") != "0"
+def own_gemm_enabled() -> bool:
+    return os.environ.get("LORAMUX_CPU_GEMM", "1") != "0"
 
 
-def _bf16_gemm_ext(w: torch.Tensor):
-    """The C++ ops module when `w` should use its AVX512-BF16 GEMM (bf16, even in_features, the
-    module already built with that instruction set, not turned off), else None."""
-    if w.dtype != torch.bfloat16 or w.dim() != 2 or w.shape[1] % 2 or not bf16_gemm_enabled():
+def _own_gemm(w: torch.Tensor):
+    """(C++ ops module, kind) when `w` should use one of our GEMMs — "bf16_gemm" (AVX512-BF16, even
+    in_features) or "f32_gemm" (AVX-512) — with the module already loaded and not turned off; else None."""
+    if w.dim() != 2 or not own_gemm_enabled():
         return None
     ext = cpu_ext.loaded()
-    return ext if ext is not None and ext.bf16_gemm_available() else None
+    if ext is None:
+        return None
+    if w.dtype == torch.bfloat16 and w.shape[1] % 2 == 0 and ext.bf16_gemm_available():
+        return ext, "bf16_gemm"
+    if w.dtype == torch.float32 and ext.f32_gemm_available():
+        return ext, "f32_gemm"
+    return None
 
 
 class PackedLinear(Tracked, nn.Linear):
-    """`nn.Linear` whose inference forward runs on a pre-packed weight: the AVX512-BF16 GEMM of
-    kernels/csrc/gemm_bf16.cpp for bf16 when the C++ ops are loaded (1.4-1.7x oneDNN at decode
-    batch sizes here, >= oneDNN up to 2048 rows), oneDNN's pre-packed linear otherwise."""
+    """`nn.Linear` whose inference forward runs on a pre-packed weight: our GEMMs
+    (kernels/csrc/gemm_bf16.cpp, gemm_f32.cpp) when the C++ ops are loaded, oneDNN's pre-packed
+    linear otherwise."""
 
     def __init__(self, base: nn.Linear, batch_hint: int = 32):
         nn.Module.__init__(self)
@@ -78,7 +85,7 @@ class PackedLinear(Tracked, nn.Linear):
         self.batch_hint = batch_hint
         self._packed: torch.Tensor | None = None
         self._packed_version = -1
-        self.kind = "onednn"  # or "bf16_gemm": which packed layout `_packed` holds
+        self.kind = "onednn"  # or "bf16_gemm" / "f32_gemm": which packed layout `_packed` holds
 
     def _pack(self) -> torch.Tensor:
         w = self.weight
@@ -86,10 +93,11 @@ class PackedLinear(Tracked, nn.Linear):
         version = -2 if w.is_inference() else w._version
         if self._packed is None or self._packed_version != version:
             with torch.no_grad():
-                ext = _bf16_gemm_ext(w)
-                if ext is not None:
-                    self.kind = "bf16_gemm"
-                    self._packed = ext.pack_bf16_weight(w.detach())
+                own = _own_gemm(w)
+                if own is not None:
+                    ext, self.kind = own
+                    pack = ext.pack_bf16_weight if self.kind == "bf16_gemm" else ext.pack_f32_weight
+                    self._packed = pack(w.detach())
                 else:
                     self.kind = "onednn"
                     self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), self.batch_hint)
@@ -103,9 +111,11 @@ class PackedLinear(Tracked, nn.Linear):
         packed = self._packed  # the repack check of _pack(), inlined: this runs ~120 times per step
         if packed is None or self._packed_version != (-2 if w.is_inference() else w._version):
             packed = self._pack()
-        if self.kind == "bf16_gemm":
+        if self.kind != "onednn":
             x2 = x if x.dim() == 2 and x.stride(-1) == 1 else x.reshape(-1, x.shape[-1]).contiguous()
-            y = cpu_ext.loaded().bf16_gemm(x2, packed, self.out_features, self.bias)
+            ext = cpu_ext.loaded()
+            gemm = ext.bf16_gemm if self.kind == "bf16_gemm" else ext.f32_gemm
+            y = gemm(x2, packed, self.out_features, self.bias)
             return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)
         return _linear_pointwise(x, packed, self.bias, "none", [], "")
 

@@ -75,7 +75,7 @@ def _proj_args(module: nn.Module):
         module = module.base
     if isinstance(module, PackedLinear):
         packed = module._pack()
-        kind = 2 if module.kind == "bf16_gemm" else 1
+        kind = {"bf16_gemm": 2, "f32_gemm": 3}.get(module.kind, 1)
         return (packed, module.bias, kind, module.out_features, *lora), module.weight
     if type(module) is nn.Linear:
         return (module.weight, module.bias, 0, module.out_features, *lora), None

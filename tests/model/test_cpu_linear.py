@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not prepack_supported(torch.device("cpu"), torch
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 7, 32, 200])
 def test_matches_f_linear(dtype, rows, monkeypatch):
-    monkeypatch.setenv("LORAMUX_CPU_BF16_GEMM", "0")  # oneDNN here; the bf16 GEMM has its own tests below
+    monkeypatch.setenv("LORAMUX_CPU_GEMM", "0")  # oneDNN here; our GEMMs have their own tests below
     g = torch.Generator().manual_seed(rows)
     lin = nn.Linear(96, 160, bias=True).to(dtype)
     with torch.no_grad():
@@ -155,8 +155,29 @@ def test_packed_linear_uses_the_bf16_gemm_once_loaded(ext, monkeypatch):
     assert torch.equal(got, ext.bf16_gemm(x, ext.pack_bf16_weight(lin.weight.detach()), 80, lin.bias.detach()))
     with torch.inference_mode():
         torch.testing.assert_close(packed(x.view(1, 5, 64)), got.view(1, 5, 80))  # leading dims
-    monkeypatch.setenv("LORAMUX_CPU_BF16_GEMM", "0")
+    monkeypatch.setenv("LORAMUX_CPU_GEMM", "0")
     off = PackedLinear(lin)
     with torch.inference_mode():
         off(x)
     assert off.kind == "onednn"
+
+
+@pytest.mark.parametrize("rows", [1, 8, 9, 33])
+@pytest.mark.parametrize(("n", "k", "bias"), [(96, 64, False), (50, 37, True), (3 * 48 + 17, 1536, True)])
+def test_f32_gemm_matches_f_linear(ext, rows, n, k, bias):
+    """The fp32 GEMM (any K, output widths that are no multiple of 48, row tails, bias) against F.linear."""
+    g = torch.Generator().manual_seed(rows * n)
+    w, x = torch.randn(n, k, generator=g), torch.randn(rows, k, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    got = ext.f32_gemm(x, ext.pack_f32_weight(w), n, b)
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+
+
+def test_packed_linear_uses_the_f32_gemm_once_loaded(ext):
+    lin = nn.Linear(40, 70, bias=True)
+    x = torch.randn(6, 40)
+    packed = PackedLinear(lin)
+    with torch.inference_mode():
+        got = packed(x)
+    assert packed.kind == "f32_gemm"
+    torch.testing.assert_close(got, F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
