@@ -274,11 +274,16 @@ def bind_kernel(lora_a, lora_b, out_slices) -> tuple | None:
     return a_tab, b_tabs, [off for off, _ in out_slices], lora_a[0].shape[1]
 
 
+def kernel_suits(plan: _Plan) -> bool:
+    """`auto` picks the fused kernel for this step: segments shorter than KERNEL_MAX_SEG_ROWS on average."""
+    return len(plan.rows) < KERNEL_MAX_SEG_ROWS * len(plan.segs)
+
+
 def run_bound_kernel(y, x, bound: tuple, scaling, batch: LoRABatch) -> bool:
     """`add_lora`'s "auto" choice for a bound projection when that choice is the kernel: runs it and
     returns True; False (nothing done) when the step's segments are long enough for GEMMs."""
     plan = plan_for(batch)
-    if len(plan.rows) >= KERNEL_MAX_SEG_ROWS * len(plan.segs) or x.stride(-1) != 1 or y.stride(-1) != 1:
+    if not kernel_suits(plan) or x.stride(-1) != 1 or y.stride(-1) != 1:
         return False
     a_tab, b_tabs, offs, r = bound
     cpu_ext.load().bgmv(y, x, a_tab, b_tabs, offs, scaling, plan.token_slots, r)
@@ -300,7 +305,7 @@ def add_lora(y, x, lora_a, lora_b, scaling, batch: LoRABatch, out_slices, impl: 
         a_tab, b_tabs = _row_tables(lora_a, lora_b)
         n_seg, rows = len(plan.segs), len(plan.rows)
         if a_tab is not None:
-            if rows < KERNEL_MAX_SEG_ROWS * n_seg and _kernel(y, x, a_tab, b_tabs, scaling, plan, out_slices, r):
+            if kernel_suits(plan) and _kernel(y, x, a_tab, b_tabs, scaling, plan, out_slices, r):
                 return
             per_seg = SEG_FUSED_ROWS_FP32 if x.dtype == torch.float32 else SEG_FUSED_ROWS
             fn = _segments_fused if rows >= per_seg * n_seg else _embbag_fused

@@ -53,9 +53,7 @@ def _lora_slots(batch):
     if dispatch.get_backend() not in ("auto", "torch"):
         return False
     plan = kcpu.plan_for(batch)
-    if len(plan.rows) >= kcpu.KERNEL_MAX_SEG_ROWS * len(plan.segs):
-        return False
-    return plan.token_slots
+    return plan.token_slots if kcpu.kernel_suits(plan) else False
 
 
 def _proj_args(module: nn.Module):
