@@ -39,9 +39,9 @@ def _shrink_kernel(
     x_ptr, a_ptr, v_ptr, table_ptr, seg_indptr_ptr, seg_slots_ptr,
     stride_xt, stride_xk,  # x [T, in]
     stride_vi, stride_vt,  # v [n, T, r] fp32, r contiguous
-    in_features, rank, k_per_split,
+    in_features, rank,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    SPLIT_K: tl.constexpr, K_STEPS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """v[i, rows of segment] (+)= x[rows] @ A_i[slot].T over one K split; SPLIT_K > 1 adds atomically."""
     seg, mblk, pid2 = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -57,10 +57,16 @@ def _shrink_kernel(
     row = start + tl.arange(0, BLOCK_M)
     rr = tl.arange(0, BLOCK_R)
     acc = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)  # tl.full, not tl.zeros: see _jitted()
-    k_lo = ks * k_per_split
-    for k0 in range(k_lo, k_lo + k_per_split, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        kmask = (kk < in_features) & (kk < k_lo + k_per_split)
+    # Split ks owns K_STEPS * BLOCK_K columns (the last one masked at in_features). The trip count is
+    # a constexpr, not range(k_lo, k_lo + k_per_split, BLOCK_K): triton 3.6's interpreter turns a
+    # runtime bound into an int with int(<1-element array>), which numpy 2.4 rejects ("only
+    # 0-dimensional arrays can be converted to Python scalars"); 3.9's interpreter squeezes first.
+    # Compiled triton (3.6 included) accepts runtime bounds: the old form compiles to the same scf.for.
+    # SPLIT_K is already a constexpr, so K_STEPS only adds one variant per distinct in_features.
+    k_lo = ks * (K_STEPS * BLOCK_K)
+    for step in range(K_STEPS):
+        kk = k_lo + step * BLOCK_K + tl.arange(0, BLOCK_K)
+        kmask = kk < in_features
         xt = tl.load(x_ptr + row[:, None] * stride_xt + kk[None, :] * stride_xk,
                      mask=(row[:, None] < end) & kmask[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
         at = tl.load(a_base + rr[None, :] * sa_r + kk[:, None] * sa_k,
@@ -174,9 +180,9 @@ def shrink(x: torch.Tensor, lora_a: Sequence[torch.Tensor], batch: LoRABatch, ze
         return v
     shrink_k[(num_segs, m_blocks, n * split)](
         x, lora_a[0], v, _slice_table(lora_a, [(0, 0)] * n), batch.seg_indptr, batch.seg_slots,
-        x.stride(0), x.stride(1), v.stride(0), v.stride(1), k, r, per_split,
+        x.stride(0), x.stride(1), v.stride(0), v.stride(1), k, r,
         BLOCK_M=block_m, BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_K=block_k,
-        SPLIT_K=split, PRECISION=_precision(x.dtype),
+        SPLIT_K=split, K_STEPS=per_split // block_k, PRECISION=_precision(x.dtype),
         UPCAST=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1",
     )
     return v
