@@ -19,5 +19,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_bf16_weight", &loramux::pack_bf16_weight, "bf16 [N, K] -> panels for bf16_gemm");
   m.def("bf16_gemm", &loramux::bf16_gemm, "y = x @ W.T (+ bias) from a pack_bf16_weight panel layout",
         pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("n_out"), pybind11::arg("bias") = pybind11::none());
+  m.def("quant_linear_vectorized", &loramux::quant_linear_vectorized, "whether qgemm_cpu.cpp's AVX2 path was compiled in");
+  m.def("quant_linear", &loramux::quant_linear, "y = x @ W.T (+ bias) from quantized blocks (kernels/quant.py)",
+        pybind11::arg("x"), pybind11::arg("data"), pybind11::arg("fmt"), pybind11::arg("n_out"), pybind11::arg("k_in"),
+        pybind11::arg("absmax_q"), pybind11::arg("absmax_scale"), pybind11::arg("absmax_offset"), pybind11::arg("dyn_map"),
+        pybind11::arg("bias") = pybind11::none(), pybind11::arg("impl") = 0);
   m.def("decode_attention", &loramux::decode_attention, "paged attention of one query token per sequence");
 }

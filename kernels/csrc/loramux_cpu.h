@@ -29,4 +29,9 @@ torch::Tensor bf16_gemm(torch::Tensor x, torch::Tensor packed, int64_t n_out, c1
 torch::Tensor bf16_gemm_prefetching(torch::Tensor x, torch::Tensor packed, int64_t n_out,
                                     c10::optional<torch::Tensor> bias,
                                     const std::vector<std::pair<const void*, int64_t>>& extra);
+// qgemm_cpu.cpp: y = x @ W.T from quantized blocks (fmt 0 q8_0, 1 q4_0, 2 q4_1, 3 nf4); impl 1 forces the scalar path
+bool quant_linear_vectorized();
+torch::Tensor quant_linear(torch::Tensor x, torch::Tensor data, int64_t fmt, int64_t n_out, int64_t k_in,
+                           torch::Tensor absmax_q, torch::Tensor absmax_scale, double absmax_offset,
+                           torch::Tensor dyn_map, c10::optional<torch::Tensor> bias, int64_t impl);
 }  // namespace loramux

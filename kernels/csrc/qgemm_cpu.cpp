@@ -1,0 +1,377 @@
+// y = x @ W.T (+ bias) with W kept quantized: GGUF q8_0 / q4_0 / q4_1 blocks (the file's bytes) or
+// bitsandbytes NF4 (double-quantized absmax). x fp32 or bf16 [M, K]; fp32 accumulation; y in x's dtype
+// (bias added before the one rounding). The spec is kernels/quant_reference.py.
+//
+// Every format is read as groups of 32 weights along K: a group decodes (in registers) to 32 small
+// values q (int8 for q8_0, nibble - 8 for q4_0, nibble for q4_1, the NF4 code value for nf4) and
+// w = q * d + m with one scale d (nf4: the 64-block's absmax, decoded from its double quantization)
+// and one offset m (q4_1 only). The group's 32 values come out in the order the bytes hold them; for
+// nf4 (element 2j in the high nibble of byte j) that is not k order, so x is permuted the same way
+// once per call (odd elements first, then even ones, within each group) and the dot products agree.
+//
+// Paths:
+//  - M <= 4 (decode): bytes-bound. Each output row's blocks are read once, decoded in registers and
+//    dotted with all M rows of x: sum_g d_g * (q_g . x_g) + m_g * sum(x_g). Threads split the rows.
+//  - M >= 5: each thread dequantizes a panel of 24 weight rows x 512 k to fp32 in L1/L2 once and
+//    reuses it for every row of x (4 x 3 dot-product tiles, 12 accumulators).
+// Vectorized with AVX2 + FMA + F16C (so x86-64-v3 and every AVX-512 machine); a portable scalar
+// path does the same math elsewhere (and can be forced for tests: impl = 1).
+#include "loramux_cpu.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define LORAMUX_QAVX2 1
+#endif
+
+namespace loramux {
+namespace {
+
+enum Fmt : int { kQ8_0 = 0, kQ4_0 = 1, kQ4_1 = 2, kNF4 = 3 };
+constexpr int64_t kGroup = 32;
+constexpr int64_t kPanelRows = 24;  // weight rows per GEMM panel (8 x 3-row tiles)
+constexpr int64_t kChunk = 512;     // k per GEMM panel chunk
+alignas(32) constexpr float kNF4Code[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+
+template <int F>
+constexpr int64_t group_bytes() {
+  return F == kQ8_0 ? 34 : F == kQ4_0 ? 18 : F == kQ4_1 ? 20 : 16;
+}
+template <int F>
+constexpr int64_t qs_offset() {  // where the group's quants start
+  return F == kQ8_0 || F == kQ4_0 ? 2 : F == kQ4_1 ? 4 : 0;
+}
+
+inline float f16(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+#ifdef LORAMUX_QAVX2
+  return _cvtsh_ss(h);
+#else
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+#endif
+}
+
+// The weight and what its groups need.
+struct QWeight {
+  const uint8_t* data;
+  int64_t row_bytes, K;
+  const uint8_t* absmax_q;     // nf4
+  const float* absmax_scale;   // nf4
+  float offset;                // nf4
+  const float* dyn;            // nf4: the 256-entry dynamic map
+};
+
+// Scale d and offset m of group g of row n.
+template <int F>
+inline void group_scale(const QWeight& w, int64_t n, int64_t g, float& d, float& m) {
+  const uint8_t* gp = w.data + n * w.row_bytes + g * group_bytes<F>();
+  m = 0.f;
+  if constexpr (F == kNF4) {
+    const int64_t blk = n * (w.K / 64) + g / 2;
+    d = w.dyn[w.absmax_q[blk]] * w.absmax_scale[blk >> 8] + w.offset;
+  } else {
+    d = f16(gp);
+    if constexpr (F == kQ4_1) m = f16(gp + 2);
+  }
+}
+
+// The 32 values q of a group, in byte order (q4: the 16 low nibbles, then the 16 high nibbles).
+template <int F>
+inline void decode_scalar(const uint8_t* gp, float* q) {
+  const uint8_t* qs = gp + qs_offset<F>();
+  if constexpr (F == kQ8_0) {
+    for (int j = 0; j < 32; ++j) q[j] = static_cast<float>(static_cast<int8_t>(qs[j]));
+  } else {
+    for (int j = 0; j < 16; ++j) {
+      const int lo = qs[j] & 0x0F, hi = qs[j] >> 4;
+      if constexpr (F == kQ4_0) {
+        q[j] = static_cast<float>(lo - 8);
+        q[j + 16] = static_cast<float>(hi - 8);
+      } else if constexpr (F == kQ4_1) {
+        q[j] = static_cast<float>(lo);
+        q[j + 16] = static_cast<float>(hi);
+      } else {
+        q[j] = kNF4Code[lo];
+        q[j + 16] = kNF4Code[hi];
+      }
+    }
+  }
+}
+
+#ifdef LORAMUX_QAVX2
+inline __m256 nf4_lookup(__m128i nib8) {  // 8 nibbles in the low bytes -> 8 code values
+  const __m256i idx = _mm256_cvtepu8_epi32(nib8);
+  const __m256 lo = _mm256_permutevar8x32_ps(_mm256_load_ps(kNF4Code), idx);
+  const __m256 hi = _mm256_permutevar8x32_ps(_mm256_load_ps(kNF4Code + 8), idx);
+  return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));  // bit 3 picks
+}
+
+template <int F>
+inline void decode_vec(const uint8_t* gp, __m256 q[4]) {
+  const uint8_t* qs = gp + qs_offset<F>();
+  if constexpr (F == kQ8_0) {
+    for (int i = 0; i < 4; ++i)
+      q[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs + 8 * i))));
+  } else {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    __m128i lo = _mm_and_si128(b, mask), hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+    if constexpr (F == kNF4) {
+      q[0] = nf4_lookup(lo);
+      q[1] = nf4_lookup(_mm_srli_si128(lo, 8));
+      q[2] = nf4_lookup(hi);
+      q[3] = nf4_lookup(_mm_srli_si128(hi, 8));
+    } else if constexpr (F == kQ4_0) {
+      lo = _mm_sub_epi8(lo, _mm_set1_epi8(8));
+      hi = _mm_sub_epi8(hi, _mm_set1_epi8(8));
+      q[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
+      q[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
+      q[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+      q[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
+    } else {
+      q[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+      q[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+      q[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+      q[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+    }
+  }
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+// Decode-sized inputs: out[r * N + n] (fp32) for rows n in [n0, n1), MR rows of xf.
+template <int F, int MR, bool VEC>
+void gemv_rows(const QWeight& w, const float* xf, const float* xsum, int64_t n0, int64_t n1, float* out,
+               int64_t N) {
+  const int64_t G = w.K / kGroup;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w.data + n * w.row_bytes;
+    float macc[MR] = {};
+    float sacc[MR] = {};
+#ifdef LORAMUX_QAVX2
+    if constexpr (VEC) {
+      __m256 acc[MR];
+      for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
+      for (int64_t g = 0; g < G; ++g) {
+        __m256 q[4];
+        decode_vec<F>(row + g * group_bytes<F>(), q);
+        float d, m;
+        group_scale<F>(w, n, g, d, m);
+        const __m256 dv = _mm256_set1_ps(d);
+        for (int r = 0; r < MR; ++r) {
+          const float* xr = xf + r * w.K + g * kGroup;
+          __m256 t = _mm256_mul_ps(q[0], _mm256_loadu_ps(xr));
+          t = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(xr + 8), t);
+          t = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(xr + 16), t);
+          t = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(xr + 24), t);
+          acc[r] = _mm256_fmadd_ps(dv, t, acc[r]);
+          if constexpr (F == kQ4_1) macc[r] += m * xsum[r * G + g];
+        }
+      }
+      for (int r = 0; r < MR; ++r) sacc[r] = hsum(acc[r]);
+    }
+#endif
+    if constexpr (!VEC) {
+      float q[32];
+      for (int64_t g = 0; g < G; ++g) {
+        decode_scalar<F>(row + g * group_bytes<F>(), q);
+        float d, m;
+        group_scale<F>(w, n, g, d, m);
+        for (int r = 0; r < MR; ++r) {
+          const float* xr = xf + r * w.K + g * kGroup;
+          float t = 0.f;
+          for (int j = 0; j < 32; ++j) t += q[j] * xr[j];
+          sacc[r] += d * t;
+          if constexpr (F == kQ4_1) macc[r] += m * xsum[r * G + g];
+        }
+      }
+    }
+    for (int r = 0; r < MR; ++r) out[r * N + n] = sacc[r] + macc[r];
+  }
+}
+
+// Dequantize rows [n0, n0 + rows) x k [k0, k0 + kc) into buf [kPanelRows][kChunk] (rows past N: 0).
+template <int F, bool VEC>
+void dequant_panel(const QWeight& w, int64_t n0, int64_t rows, int64_t k0, int64_t kc, float* buf) {
+  for (int64_t i = 0; i < kPanelRows; ++i) {
+    float* dst = buf + i * kChunk;
+    if (i >= rows) {
+      std::fill(dst, dst + kc, 0.f);
+      continue;
+    }
+    const uint8_t* row = w.data + (n0 + i) * w.row_bytes;
+    for (int64_t g = k0 / kGroup; g < (k0 + kc) / kGroup; ++g, dst += kGroup) {
+      float d, m;
+      group_scale<F>(w, n0 + i, g, d, m);
+#ifdef LORAMUX_QAVX2
+      if constexpr (VEC) {
+        __m256 q[4];
+        decode_vec<F>(row + g * group_bytes<F>(), q);
+        const __m256 dv = _mm256_set1_ps(d), mv = _mm256_set1_ps(m);
+        for (int j = 0; j < 4; ++j) _mm256_storeu_ps(dst + 8 * j, _mm256_fmadd_ps(q[j], dv, mv));
+      }
+#endif
+      if constexpr (!VEC) {
+        float q[32];
+        decode_scalar<F>(row + g * group_bytes<F>(), q);
+        for (int j = 0; j < 32; ++j) dst[j] = q[j] * d + m;
+      }
+    }
+  }
+}
+
+// part[r][j] += x rows [m0, m0+mr) . buf rows [j0, j0+3) over kc (a 4 x 3 tile).
+template <bool VEC>
+inline void tile_4x3(const float* const xr[4], const float* const wr[3], int64_t kc, float* part, int64_t mr,
+                     int64_t nr) {
+  float s[4][3] = {};
+#ifdef LORAMUX_QAVX2
+  if constexpr (VEC) {
+    __m256 acc[4][3];
+    for (int r = 0; r < 4; ++r) acc[r][0] = acc[r][1] = acc[r][2] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < kc; k += 8) {
+      const __m256 w0 = _mm256_loadu_ps(wr[0] + k), w1 = _mm256_loadu_ps(wr[1] + k), w2 = _mm256_loadu_ps(wr[2] + k);
+      for (int r = 0; r < 4; ++r) {
+        const __m256 xv = _mm256_loadu_ps(xr[r] + k);
+        acc[r][0] = _mm256_fmadd_ps(xv, w0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(xv, w1, acc[r][1]);
+        acc[r][2] = _mm256_fmadd_ps(xv, w2, acc[r][2]);
+      }
+    }
+    for (int r = 0; r < 4; ++r)
+      for (int j = 0; j < 3; ++j) s[r][j] = hsum(acc[r][j]);
+  }
+#endif
+  if constexpr (!VEC) {
+    for (int r = 0; r < 4; ++r)
+      for (int j = 0; j < 3; ++j)
+        for (int64_t k = 0; k < kc; ++k) s[r][j] += xr[r][k] * wr[j][k];
+  }
+  for (int64_t r = 0; r < mr; ++r)
+    for (int64_t j = 0; j < nr; ++j) part[r * kPanelRows + j] += s[r][j];
+}
+
+template <int F, bool VEC>
+void run(const QWeight& w, const float* xf, const float* xsum, int64_t M, int64_t N, float* out) {
+  const int64_t K = w.K;
+  if (M <= 4) {
+    auto body = [&](int64_t b, int64_t e) {
+      switch (M) {
+        case 1: gemv_rows<F, 1, VEC>(w, xf, xsum, b, e, out, N); break;
+        case 2: gemv_rows<F, 2, VEC>(w, xf, xsum, b, e, out, N); break;
+        case 3: gemv_rows<F, 3, VEC>(w, xf, xsum, b, e, out, N); break;
+        default: gemv_rows<F, 4, VEC>(w, xf, xsum, b, e, out, N); break;
+      }
+    };
+    at::parallel_for(0, N, 16, body);
+    return;
+  }
+  const int64_t P = (N + kPanelRows - 1) / kPanelRows;
+  at::parallel_for(0, P, 1, [&](int64_t pb, int64_t pe) {
+    std::vector<float> buf(kPanelRows * kChunk), part(M * kPanelRows);
+    for (int64_t p = pb; p < pe; ++p) {
+      const int64_t n0 = p * kPanelRows, rows = std::min(kPanelRows, N - n0);
+      std::fill(part.begin(), part.end(), 0.f);
+      for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+        const int64_t kc = std::min(kChunk, K - k0);
+        dequant_panel<F, VEC>(w, n0, rows, k0, kc, buf.data());
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+          const int64_t mr = std::min<int64_t>(4, M - m0);
+          const float* xr[4];
+          for (int r = 0; r < 4; ++r) xr[r] = xf + (m0 + std::min<int64_t>(r, mr - 1)) * K + k0;  // spare rows re-read
+          for (int64_t j0 = 0; j0 < rows; j0 += 3) {
+            const float* wr[3] = {buf.data() + j0 * kChunk, buf.data() + (j0 + 1) * kChunk, buf.data() + (j0 + 2) * kChunk};
+            tile_4x3<VEC>(xr, wr, kc, part.data() + m0 * kPanelRows + j0, mr, std::min<int64_t>(3, rows - j0));
+          }
+        }
+      }
+      for (int64_t m = 0; m < M; ++m)
+        std::memcpy(out + m * N + n0, part.data() + m * kPanelRows, rows * sizeof(float));
+    }
+  });
+}
+
+template <bool VEC>
+void dispatch(int fmt, const QWeight& w, const float* xf, const float* xsum, int64_t M, int64_t N, float* out) {
+  switch (fmt) {
+    case kQ8_0: run<kQ8_0, VEC>(w, xf, xsum, M, N, out); break;
+    case kQ4_0: run<kQ4_0, VEC>(w, xf, xsum, M, N, out); break;
+    case kQ4_1: run<kQ4_1, VEC>(w, xf, xsum, M, N, out); break;
+    default: run<kNF4, VEC>(w, xf, xsum, M, N, out); break;
+  }
+}
+
+}  // namespace
+
+bool quant_linear_vectorized() {
+#ifdef LORAMUX_QAVX2
+  return true;
+#else
+  return false;
+#endif
+}
+
+torch::Tensor quant_linear(torch::Tensor x, torch::Tensor data, int64_t fmt, int64_t n_out, int64_t k_in,
+                           torch::Tensor absmax_q, torch::Tensor absmax_scale, double absmax_offset,
+                           torch::Tensor dyn_map, c10::optional<torch::Tensor> bias, int64_t impl) {
+  TORCH_CHECK(fmt >= 0 && fmt <= 3, "unknown quantized format id ", fmt);
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "x must be a CPU float32 or bfloat16 [M, K]");
+  TORCH_CHECK(x.size(1) == k_in, "x has ", x.size(1), " columns, the weight ", k_in);
+  const int64_t block = fmt == kNF4 ? 64 : 32;
+  TORCH_CHECK(k_in > 0 && k_in % block == 0 && n_out > 0, "K must be a positive multiple of ", block);
+  const int64_t gb = fmt == kQ8_0 ? 34 : fmt == kQ4_0 ? 18 : fmt == kQ4_1 ? 20 : 16;
+  const int64_t row_bytes = k_in / kGroup * gb;
+  TORCH_CHECK(data.device().is_cpu() && data.scalar_type() == at::kByte && data.is_contiguous() &&
+                  data.numel() == n_out * row_bytes, "data must be contiguous uint8 with ", n_out * row_bytes, " bytes");
+  QWeight w{data.data_ptr<uint8_t>(), row_bytes, k_in, nullptr, nullptr, static_cast<float>(absmax_offset), nullptr};
+  if (fmt == kNF4) {
+    const int64_t nb = n_out * k_in / 64;
+    TORCH_CHECK(absmax_q.scalar_type() == at::kByte && absmax_q.is_contiguous() && absmax_q.numel() == nb, "bad nf4 absmax");
+    TORCH_CHECK(absmax_scale.scalar_type() == at::kFloat && absmax_scale.is_contiguous() &&
+                    absmax_scale.numel() == (nb + 255) / 256, "bad nf4 absmax_scale");
+    TORCH_CHECK(dyn_map.scalar_type() == at::kFloat && dyn_map.is_contiguous() && dyn_map.numel() == 256, "bad dynamic map");
+    w.absmax_q = absmax_q.data_ptr<uint8_t>();
+    w.absmax_scale = absmax_scale.data_ptr<float>();
+    w.dyn = dyn_map.data_ptr<float>();
+  }
+  c10::optional<torch::Tensor> bias_f;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->numel() == n_out && bias->dim() == 1, "bias must have ", n_out, " values");
+    bias_f = bias->to(at::kFloat).contiguous();
+  }
+  const int64_t M = x.size(0), K = k_in, G = K / kGroup;
+  // x as fp32 in the weight's group order (nf4: odd elements then even ones), and per-group sums (q4_1).
+  auto xf_t = x.to(at::kFloat).contiguous();
+  if (fmt == kNF4) xf_t = xf_t.view({M, G, 16, 2}).transpose(2, 3).flip(2).contiguous().view({M, K});
+  torch::Tensor xsum_t;
+  if (fmt == kQ4_1) xsum_t = xf_t.view({M, G, kGroup}).sum(2).contiguous();
+  auto out = torch::empty({M, n_out}, x.options().dtype(at::kFloat));
+  if (M > 0) {
+    const float* xsum = fmt == kQ4_1 ? xsum_t.data_ptr<float>() : nullptr;
+    if (impl == 0 && quant_linear_vectorized())
+      dispatch<true>(static_cast<int>(fmt), w, xf_t.data_ptr<float>(), xsum, M, n_out, out.data_ptr<float>());
+    else
+      dispatch<false>(static_cast<int>(fmt), w, xf_t.data_ptr<float>(), xsum, M, n_out, out.data_ptr<float>());
+  }
+  if (bias_f.has_value()) out.add_(*bias_f);
+  return x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
+}
+
+}  // namespace loramux
