@@ -108,3 +108,43 @@ def add_lora(
     """The whole LoRA add-on for a batch, segment form (rows of one segment share a slot)."""
     v = shrink_segments(x, lora_a, batch.seg_indptr, batch.seg_slots)
     expand_segments(y, v, lora_b, scaling, batch.seg_indptr, batch.seg_slots, out_slices)
+
+
+def paged_attention_reference(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of new query tokens over a paged KV cache, per sequence; the attention spec.
+
+    q [T, H, D] (sequence i's q_i = query_start_loc[i+1] - query_start_loc[i] tokens, flattened);
+    kv_cache [2, KVH, num_blocks, block_size, D] (0 = K, 1 = V) already holding the new tokens' K/V;
+    block_tables [S, max_blocks] int32; context_lens [S]: sequence i's keys are its first
+    context_lens[i] positions, its queries sit at positions context_lens[i] - q_i .. context_lens[i] - 1
+    and see every key up to their own position. Query head h reads KV head h // (H // KVH).
+    Decode is the case q_i = 1 (query_start_loc = arange(S + 1)). Softmax in fp32; out [T, H, D] in q's dtype.
+    """
+    t, h, d = q.shape
+    kvh, bs = kv_cache.shape[1], kv_cache.shape[3]
+    group = h // kvh
+    out = torch.zeros_like(q)
+    starts, ctxs = query_start_loc.tolist(), context_lens.tolist()
+    for i, ctx in enumerate(ctxs):
+        q0, q1 = starts[i], starts[i + 1]
+        if q1 == q0:
+            continue
+        n_blocks = -(-ctx // bs)
+        blocks = block_tables[i, :n_blocks].long()
+        # [KVH, n_blocks, bs, D] -> [KVH, ctx, D] -> [H, ctx, D] (each KV head serves `group` query heads)
+        k = kv_cache[0][:, blocks].reshape(kvh, n_blocks * bs, d)[:, :ctx].float().repeat_interleave(group, 0)
+        v = kv_cache[1][:, blocks].reshape(kvh, n_blocks * bs, d)[:, :ctx].float().repeat_interleave(group, 0)
+        qi = q[q0:q1].float().transpose(0, 1)  # [H, q_i, D]
+        scores = (qi @ k.transpose(1, 2)) * scale  # [H, q_i, ctx]
+        pos = torch.arange(ctx - (q1 - q0), ctx, device=q.device)  # absolute position of each query
+        visible = torch.arange(ctx, device=q.device)[None, :] <= pos[:, None]  # [q_i, ctx]
+        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+        out[q0:q1] = (probs @ v).transpose(0, 1).to(q.dtype)  # [q_i, H, D]
+    return out
