@@ -13,9 +13,11 @@ ENV DEBIAN_FRONTEND=noninteractive \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
-# Python from the distribution; curl only for the healthcheck.
+# Python from the distribution; curl only for the healthcheck. A C/C++ compiler and the Python headers:
+# Triton compiles its small CUDA launcher with them at run time, and the CPU ops (kernels/csrc) build with them.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv curl ca-certificates \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev build-essential \
+       curl ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 
