@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 SERVE_ARGS ?=
 
-.PHONY: serve test lint bench gpu-check loadtest clean-venv
+.PHONY: serve test test-triton36 lint bench gpu-check loadtest clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,23 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	# pytest exits 5 when nothing was collected; that is not a failure.
 	$(PY) -m pytest tests; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
+	$(MAKE) test-triton36
+
+# The Triton interpreter tests again under the GPU image's triton 3.6 (torch 2.13 CPU here; the kernels
+# use no torch API beyond 2.11). A small second venv: torch, triton, pytest; the repo via PYTHONPATH.
+VENV36 := .venv-triton36
+STAMP36 := $(VENV36)/.loramux-installed
+TRITON36_TESTS := tests/kernels/test_triton_sgmv.py tests/kernels/test_triton_attention.py
+
+$(STAMP36):
+	test -x $(VENV36)/bin/python || $(PYTHON) -m venv $(VENV36)
+	# git ignores the venv's contents (.gitignore only names .venv/)
+	echo '*' > $(VENV36)/.gitignore
+	$(VENV36)/bin/python -m pip install -q "torch==2.13.0" "triton==3.6.0" "pytest>=8" "pytest-timeout>=2.3" numpy
+	touch $(STAMP36)
+
+test-triton36: $(STAMP36)
+	PYTHONPATH=$(CURDIR) $(VENV36)/bin/python -m pytest $(TRITON36_TESTS)
 
 bench: $(STAMP)
 	$(PY) -m server.bench --model default --json bench-engine.json
