@@ -1,4 +1,8 @@
-"""The adapter admin flow in one place: validate -> store -> registry (and back), for the server.
+"""The adapter service the server uses: validate -> store -> registry (and back), and the request path.
+
+The HTTP layer calls it directly (`EngineClient.adapters`, the `AdapterService` protocol of
+server/engine/client.py): `list` / `get` return `AdapterRef`s, `acquire` / `release` count in-flight
+requests, `upload` / `delete` change the store; errors are `adapters.errors.AdapterError`.
 
 upload:   bytes -> `validate_adapter` (nothing touched on failure) -> registry.register(persist=store.write)
 unload:   registry.unregister (waits for in-flight requests) -> store.delete -> slot freed by the
@@ -45,6 +49,21 @@ class AdapterManager:
             persist=lambda: self.store.write(name, config_bytes, weights_bytes, loaded.sha256, replace=replace),
         )
 
-    def unload(self, name: str, timeout_s: float = 30.0) -> None:
+    def delete(self, name: str, timeout_s: float = 30.0) -> None:
+        """Unregister (waits up to `timeout_s` for in-flight requests, else AdapterBusy), then remove
+        the files; the slot pool frees the device slot through the registry's retire listener."""
         self.registry.unregister(name, timeout_s)
         self.store.delete(name)
+
+    # --- the request path and queries (the registry's, re-exported for the HTTP layer) ----------------
+    def list(self) -> list[AdapterRef]:
+        return self.registry.list()
+
+    def get(self, name: str) -> AdapterRef:
+        return self.registry.get(name)
+
+    def acquire(self, name: str) -> AdapterRef:
+        return self.registry.acquire(name)
+
+    def release(self, ref: AdapterRef) -> None:
+        self.registry.release(ref)

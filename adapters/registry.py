@@ -13,6 +13,7 @@ requests to drain) happens outside it. Protocol (after SGLang's lora_registry):
   AdapterBusy (409) raised.
 - When a version is retired (not current and no request in flight), listeners are told, so the
   slot pool frees its device slot and host copy.
+Torch-free (weights are opaque objects here), so the HTTP layer may import it and its refs.
 """
 from __future__ import annotations
 
@@ -20,22 +21,15 @@ import itertools
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from adapters.errors import AdapterBusy, AdapterError, AdapterExists, AdapterNotFound
-from adapters.validate import LoadedAdapter
+from adapters.ref import AdapterRef
 
+if TYPE_CHECKING:  # the weights type holds tensors; the registry itself never touches torch
+    from adapters.validate import LoadedAdapter
 
-@dataclass(frozen=True)
-class AdapterRef:
-    name: str
-    id: int  # unique per version, never reused: the device-slot / cache identity
-    version: int  # 1, 2, ... per name within this registry's life
-    sha256: str
-    ranks: tuple[tuple[str, int], ...]  # (hf module name, rank), in module order
-    target_modules: tuple[str, ...]
-    max_rank: int
-    created_at: float
+__all__ = ["AdapterRef", "AdapterRegistry"]
 
 
 class AdapterRegistry:

@@ -1,33 +1,35 @@
-"""loramux kernels: the multi-LoRA add-on (shrink/expand over stacked slot buffers) for a mixed batch.
+"""loramux kernels: the multi-LoRA add-on (shrink/expand over stacked slot buffers) for a mixed batch,
+the fused CPU ops (kernels/cpu_ext.py) and their specs (kernels/reference.py). Imports nothing of ours.
 
-Public API (see kernels/dispatch.py for the contract, kernels/reference.py for the spec):
-    add_lora, BoundLoRA (add_lora with the buffers bound once), lora_shrink, lora_expand, set_backend,
-    get_backend, use_backend, LoRABatch,
-    alloc_lora_a, alloc_lora_b (slot buffers in the layout the CPU path is fastest with).
+Public API (kernels/backend.py for the backend contract, kernels/reference.py for the spec):
+    make_backend(device, name) -> a backend with prepare(batch) / bind(buffers) / shrink / expand
+    add_lora, lora_shrink, lora_expand   functional forms (tests, benchmarks)
+    LoRABatch                            per-step row -> slot metadata
+    alloc_lora_a, alloc_lora_b           slot buffers in the layout the CPU path is fastest with
 """
-from kernels.batch import LoRABatch
-from kernels.dispatch import (
+from kernels.backend import (
     BACKENDS,
-    BoundLoRA,
+    ReferenceBackend,
+    TritonBackend,
     add_lora,
-    get_backend,
     lora_expand,
     lora_shrink,
-    set_backend,
-    use_backend,
+    make_backend,
 )
+from kernels.batch import LoRABatch
+from kernels.cpu import CPUBackend
 from kernels.layout import alloc_lora_a, alloc_lora_b
 
 __all__ = [
     "BACKENDS",
-    "BoundLoRA",
+    "CPUBackend",
     "LoRABatch",
+    "ReferenceBackend",
+    "TritonBackend",
     "add_lora",
     "alloc_lora_a",
     "alloc_lora_b",
-    "get_backend",
     "lora_expand",
     "lora_shrink",
-    "set_backend",
-    "use_backend",
+    "make_backend",
 ]

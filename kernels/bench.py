@@ -4,7 +4,7 @@
 
 Sweeps batch size, number of distinct adapters, rank, hidden size and dtype for one hidden->hidden
 projection (one slice). Each point times every implementation of the device (CUDA: triton, the
-per-adapter loop baseline, the reference; CPU: the auto pick, each CPU formulation, the loop, the
+per-adapter loop baseline, the reference; CPU: the auto pick, the fused kernel, each formulation of kernels/bench_formulations.py, the loop, the
 reference) and records median_ms next to floor_ms = bytes that must move (x, y read+write, each
 distinct adapter's A and B once) / the measured device copy bandwidth. Prints a table and a summary.
 """
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from kernels import LoRABatch, add_lora, alloc_lora_a, alloc_lora_b, cpu, reference, use_backend
+from kernels import LoRABatch, alloc_lora_a, alloc_lora_b, bench_formulations, make_backend, reference
 
 _DT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -79,12 +79,15 @@ def bench_point(device, dtype, batch_size, num_adapters, rank, hidden, bandwidth
             fn = lambda: _loop(y, x, a, b, scaling, groups)
         elif impl == "reference":
             fn = lambda: reference.add_lora(y, x, a, b, scaling, batch, [(0, hidden)])
-        elif impl in ("triton", "auto"):
-            def fn(name="triton" if impl == "triton" else "auto"):
-                with use_backend(name):
-                    add_lora(y, x, a, b, scaling, batch, [(0, hidden)])
+        elif impl in ("triton", "auto", "kernel"):
+            # What the engine does: buffers bound once per layer, the plan prepared once per step.
+            backend = make_backend(device, "triton" if impl == "triton" else "auto",
+                                   cpu_impl="kernel" if impl == "kernel" else "auto")
+            bound, plan = backend.bind(a, b, scaling, [(0, hidden)]), backend.prepare(batch)
+            fn = lambda bound=bound, plan=plan: bound(y, x, plan)
         else:
-            fn = lambda impl=impl: cpu.add_lora(y, x, a, b, scaling, batch, [(0, hidden)], impl)
+            plan = make_backend("cpu").prepare(batch)
+            fn = lambda impl=impl, plan=plan: bench_formulations.add_lora(y, x, a, b, scaling, plan, [(0, hidden)], impl)
         ms = timeit(fn, device, budget_s=0.05 if device == "cuda" else 0.15)
         records.append({
             "op": "add_lora", "impl": impl, "device": device, "batch_size": batch_size,

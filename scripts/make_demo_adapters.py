@@ -3,7 +3,7 @@
 Data flow, all deterministic: PROMPTS (written below) -> the base model's own greedy chat answers,
 batched through our engine (`generate`) -> trimmed to whole sentences -> one rewrite RULE per
 adapter (caps, json, pirate, onesentence) -> `scripts/demo_data/<rule>.jsonl` ({"messages": ...})
--> `server.train.train_lora` on a fresh copy of the base -> `save_peft` (rank 8, fp16).
+-> `server.train.trainer.train_lora` on a fresh copy of the base -> `save_peft` (rank 8, fp16).
 `--check` answers HELD_OUT prompts (never trained on) with every adapter and the base model in one
 batched engine run and writes them to `scripts/demo_data/evidence.json`.
 
@@ -28,10 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from adapters.manager import AdapterManager  # noqa: E402
-from server.engine_builder import base_spec, build_llm_engine  # noqa: E402
+from server.engine.builder import base_spec, build_llm_engine  # noqa: E402
+from server.engine.config import SchedulerConfig  # noqa: E402
+from server.engine.sampling_params import SamplingParams  # noqa: E402
 from server.model.loader import load_model  # noqa: E402
-from server.sampling_params import SamplingParams  # noqa: E402
-from server.train import DEFAULT_HF_NAME, TrainConfig, save_peft, tokenize_records, train_lora  # noqa: E402
+from server.train.trainer import DEFAULT_HF_NAME, TrainConfig, save_peft, tokenize_records, train_lora  # noqa: E402
 
 DEMO = ROOT / "adapters" / "demo"  # only adapter dirs: `loramux serve --adapter-dir adapters/demo` loads them all
 DATA = ROOT / "scripts" / "demo_data"
@@ -117,7 +118,8 @@ def chat_ids(loaded, prompt: str) -> list[int]:
 
 def generate(loaded, jobs: list[tuple[str, object | None]], max_tokens: int, manager=None) -> list[str]:
     """Greedy answers of (prompt, adapter ref | None) jobs, all queued before the first step."""
-    engine = build_llm_engine(loaded, manager=manager, kv_cache_tokens=len(jobs) * 256, max_num_seqs=len(jobs))
+    engine = build_llm_engine(loaded, manager=manager, kv_cache_tokens=len(jobs) * 256,
+                              scheduler=SchedulerConfig(max_num_seqs=len(jobs)))
     texts = {str(i): "" for i in range(len(jobs))}
     for i, (prompt, ref) in enumerate(jobs):
         engine.add_request(str(i), chat_ids(loaded, prompt), SamplingParams(max_tokens=max_tokens, temperature=0.0), ref)
@@ -142,7 +144,7 @@ def make_data(loaded, max_tokens: int) -> list[dict]:
 
 
 def train_one(loaded, name: str, cfg: TrainConfig, autocast: bool) -> None:
-    from server.train import read_jsonl
+    from server.train.trainer import read_jsonl
 
     examples = tokenize_records(loaded.tokenizer, read_jsonl(DATA / f"{name}.jsonl"), cfg.seq_len)
     for layer in loaded.model.model.layers:  # drop the generation engine's KV cache before copying

@@ -39,7 +39,7 @@ def _serve(ns: argparse.Namespace) -> int:
     if settings.engine_factory:
         engine = _load_factory(settings.engine_factory)(settings)
     else:
-        from server.async_engine import build_engine  # heavy (torch): imported only to serve
+        from server.engine.async_engine import build_engine  # heavy (torch): imported only to serve
 
         engine = build_engine(settings)
     from server.api.app import create_app
@@ -54,7 +54,7 @@ def _serve(ns: argparse.Namespace) -> int:
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    from server.train import add_train_arguments, run_train  # torch is imported only for `train`
+    from server.train.trainer import add_train_arguments, run_train  # torch is imported only for `train`
 
     add_train_arguments(parser)
     parser.set_defaults(handler=run_train)

@@ -1,6 +1,6 @@
 """Builders for tests that run the HTTP server and the load-test tool against the REAL engine.
 
-Data flow: `save_tiny_model(dir)` writes the tiny random Llama of `tests/model/tiny.py` (byte-level
+Data flow: `save_tiny_model(dir)` writes the tiny random Llama of `tests/server/model/tiny.py` (byte-level
 tokenizer, vocab 256, chat template) with a longer position limit, so streams can outlast adapter
 uploads -> `real_settings(...)` + `build_async_engine(settings)` wire model, adapter manager, slot
 pool, scheduler and runner exactly as `loramux serve` does -> `tiny_server(...)` puts the real app
@@ -30,13 +30,13 @@ import torch
 from safetensors.torch import save
 from tokenizers import Tokenizer
 
-from server.engine_builder import build_async_engine
+from server.engine.builder import build_async_engine
 from server.model.generate import greedy_generate
 from server.model.loader import LoadedModel, load_model
 from server.settings import ServerSettings
 from tests.adapters.helpers import key, make_config, make_tensors, raw_safetensors
-from tests.api.live import LiveServer
-from tests.model.tiny import save_tiny_hf
+from tests.server.api.live import LiveServer
+from tests.server.model.tiny import save_tiny_hf
 
 MAX_POSITIONS = 1024  # tiny.py says 64; default RoPE does not depend on it, so streams can be long
 N = 24  # tokens per checked answer

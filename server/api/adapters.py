@@ -15,9 +15,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Form, UploadFile
 from starlette.concurrency import run_in_threadpool
 
+from adapters.errors import AdapterError
+from adapters.ref import AdapterRef
 from server.api.deps import AdminAuth, EngineDep, InferenceAuth, SettingsDep, StateDep
 from server.api.errors import from_adapter_error, from_value_error, service_unavailable
-from server.engine_client import AdapterInfo
 
 router = APIRouter(tags=["adapters"])
 _CONFIG_CODES = {"bad_config", "config_too_large", "unsupported_feature", "rank_too_large"}
@@ -29,7 +30,7 @@ def _upload_param(code: str | None) -> str:
     return "name" if code in _NAME_CODES else "config" if code in _CONFIG_CODES else "weights"
 
 
-def adapter_json(info: AdapterInfo) -> dict[str, Any]:
+def adapter_json(info: AdapterRef) -> dict[str, Any]:
     return {"object": "adapter", "name": info.name, "id": info.id, "version": info.version, "rank": info.rank,
             "target_modules": list(info.target_modules), "sha256": info.sha256,
             "created_at": info.created_at}
@@ -38,9 +39,9 @@ def adapter_json(info: AdapterInfo) -> dict[str, Any]:
 async def _call(param: str | None, fn, *args):
     try:
         return await run_in_threadpool(fn, *args)
+    except AdapterError as exc:
+        raise from_adapter_error(exc, param=param or _upload_param(exc.code)) from None
     except ValueError as exc:
-        if hasattr(exc, "code"):
-            raise from_adapter_error(exc, param=param or _upload_param(exc.code)) from None
         raise from_value_error(exc, param or "weights") from None
 
 

@@ -22,7 +22,7 @@ from server.api.errors import install_error_handlers
 from server.api.metrics import Metrics
 from server.api.middleware import AccessLog, BodySizeGuard
 from server.api.state import ServerState
-from server.engine_client import EngineClient
+from server.engine.client import EngineClient
 from server.settings import ServerSettings
 
 EngineOrFactory = EngineClient | Callable[[ServerSettings], EngineClient]

@@ -7,17 +7,15 @@ the finish_reason, an optional usage chunk, and `data: [DONE]`.
 """
 from __future__ import annotations
 
-import time
-
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from server.api import generation as gen
 from server.api.deps import EngineDep, InferenceAuth, SettingsDep, StateDep
 from server.api.errors import bad_request, from_value_error
-from server.api.openai_format import DONE, ClosingStreamingResponse, LogprobsBuilder, sse, usage
+from server.api.openai_format import DONE, LogprobsBuilder, sse, usage
 from server.api.schemas import ChatCompletionRequest
-from server.engine_client import EngineClient
+from server.engine.client import EngineClient
 
 router = APIRouter(dependencies=[InferenceAuth], tags=["inference"])
 
@@ -57,29 +55,9 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, e
     gen.check_length(engine, len(ids), params.max_tokens, "messages")
     ref = gen.acquire(engine, adapter, "adapter" if req.adapter is not None else "model")
 
-    rid = gen.new_id("chatcmpl")
-    label = adapter or "base"
-    runner = gen.ChoiceRunner(engine, rid, [ids], params, ref, label, state.metrics)
-    log_fields = request.scope.setdefault("loramux.log", {})
-    log_fields.update(id=rid, adapter=label, prompt_tokens=runner.prompt_tokens, stream=bool(req.stream))
-    state.inflight += 1
-
-    def finish() -> None:
-        runner.close()
-        state.inflight -= 1
-        log_fields["completion_tokens"] = runner.total_completion_tokens
-
-    model = adapter or engine.model_name
-    decode = engine.tokenizer.decode
-    if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        head = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
-        return ClosingStreamingResponse(_sse(runner, head, decode, include_usage), on_close=finish)
-    head = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model}
-    try:
-        return await gen.unless_disconnected(request, _collect(runner, head, decode))
-    finally:
-        finish()
+    return await gen.respond(request, engine, state, req, prefix="chatcmpl",
+                             objects=("chat.completion", "chat.completion.chunk"), prompts=[ids], params=params,
+                             ref=ref, adapter=adapter, collect=_collect, sse=_sse)
 
 
 async def _collect(runner: gen.ChoiceRunner, head: dict, decode) -> dict:

@@ -7,7 +7,6 @@ ending in `data: [DONE]`. The adapter ref is released and unfinished choices abo
 """
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -16,16 +15,9 @@ from starlette.concurrency import run_in_threadpool
 from server.api import generation as gen
 from server.api.deps import EngineDep, InferenceAuth, SettingsDep, StateDep
 from server.api.errors import bad_request
-from server.api.openai_format import (
-    DONE,
-    ClosingStreamingResponse,
-    LogprobsBuilder,
-    merge_completion_logprobs,
-    sse,
-    usage,
-)
+from server.api.openai_format import DONE, LogprobsBuilder, merge_completion_logprobs, sse, usage
 from server.api.schemas import CompletionRequest
-from server.engine_client import EngineClient
+from server.engine.client import EngineClient
 from server.settings import ServerSettings
 
 router = APIRouter(dependencies=[InferenceAuth], tags=["inference"])
@@ -79,28 +71,9 @@ async def create_completion(req: CompletionRequest, request: Request, engine: En
         gen.check_length(engine, len(ids), params.max_tokens, "prompt")
     ref = gen.acquire(engine, adapter, "adapter" if req.adapter is not None else "model")
 
-    rid = gen.new_id("cmpl")
-    label = adapter or "base"
-    runner = gen.ChoiceRunner(engine, rid, prompts, params, ref, label, state.metrics)
-    log_fields = request.scope.setdefault("loramux.log", {})
-    log_fields.update(id=rid, adapter=label, prompt_tokens=runner.prompt_tokens, stream=bool(req.stream))
-    state.inflight += 1
-
-    def finish() -> None:
-        runner.close()
-        state.inflight -= 1
-        log_fields["completion_tokens"] = runner.total_completion_tokens
-
-    head = {"id": rid, "object": "text_completion", "created": int(time.time()),
-            "model": adapter or engine.model_name}
-    decode = engine.tokenizer.decode
-    if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return ClosingStreamingResponse(_sse(runner, head, decode, include_usage), on_close=finish)
-    try:
-        return await gen.unless_disconnected(request, _collect(runner, head, decode))
-    finally:
-        finish()
+    return await gen.respond(request, engine, state, req, prefix="cmpl",
+                             objects=("text_completion", "text_completion"), prompts=prompts, params=params,
+                             ref=ref, adapter=adapter, collect=_collect, sse=_sse)
 
 
 async def _collect(runner: gen.ChoiceRunner, head: dict, decode) -> dict:

@@ -21,7 +21,7 @@ from fastapi import Depends, Request
 
 from server.api.errors import APIError
 from server.api.state import ServerState
-from server.engine_client import EngineClient
+from server.engine.client import EngineClient
 from server.settings import ServerSettings
 
 

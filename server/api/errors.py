@@ -16,6 +16,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from adapters.errors import AdapterError
+
 log = logging.getLogger("loramux.api")
 
 # Default OpenAI-style `type` per status code.
@@ -75,15 +77,10 @@ def from_value_error(exc: ValueError, default_param: str | None = None) -> APIEr
     return bad_request(text, param=param)
 
 
-def from_adapter_error(exc: Exception, param: str | None = None) -> APIError:
-    """adapters.errors.AdapterError -> 404 / 409 / 400 keeping its stable `.code`."""
-    code = getattr(exc, "code", "bad_adapter")
-    status = getattr(exc, "http_status", None)
-    if status is None:
-        status = 404 if code == "not_found" else 409 if code in ("exists", "in_use", "timeout") else 400
-    message = getattr(exc, "message", None) or str(exc)
-    api_code = "adapter_not_found" if code == "not_found" else code
-    return APIError(int(status), message, param=param, code=api_code)
+def from_adapter_error(exc: AdapterError, param: str | None = None) -> APIError:
+    """adapters.errors.AdapterError -> its `http_status` (404 / 409 / 400), keeping its stable `.code`."""
+    api_code = "adapter_not_found" if exc.code == "not_found" else exc.code
+    return APIError(exc.http_status, exc.message, param=param, code=api_code)
 
 
 def service_unavailable(message: str, code: str, retry_after_s: int = 1) -> APIError:

@@ -21,12 +21,15 @@ from typing import Any
 
 from fastapi import Request
 
+from adapters.errors import AdapterError
+from adapters.ref import AdapterRef
 from server.api.errors import APIError, bad_request, from_adapter_error, from_value_error, service_unavailable
+from server.api.openai_format import ClosingStreamingResponse
 from server.api.schemas import SamplingFields, neutral_extras
 from server.api.state import ServerState
-from server.engine_client import EngineClient
-from server.outputs import CompletionDelta
-from server.sampling_params import SamplingParams
+from server.engine.client import EngineClient
+from server.engine.outputs import CompletionDelta
+from server.engine.sampling_params import SamplingParams
 from server.settings import ServerSettings
 
 _CLEANUPS: set[asyncio.Task] = set()  # strong refs to detached cleanup tasks
@@ -58,15 +61,15 @@ def resolve_adapter(engine: EngineClient, settings: ServerSettings, model: str |
     return adapter if adapter is not None else from_model
 
 
-def acquire(engine: EngineClient, name: str | None, param: str) -> Any:
+def acquire(engine: EngineClient, name: str | None, param: str) -> AdapterRef | None:
     """Takes the in-flight reference (atomic resolve+count in the registry); unknown -> 404."""
     if name is None:
         return None
     try:
         return engine.adapters.acquire(name)
-    except ValueError as exc:  # AdapterError subclasses ValueError
-        if hasattr(exc, "code"):
-            raise from_adapter_error(exc, param=param) from None
+    except AdapterError as exc:
+        raise from_adapter_error(exc, param=param) from None
+    except ValueError as exc:
         raise from_value_error(exc, param) from None
 
 
@@ -140,7 +143,7 @@ class ChoiceRunner:
     """Runs prompts x n choices through the engine and yields (choice index, delta) as they come."""
 
     def __init__(self, engine: EngineClient, request_id: str, prompts: list[list[int]],
-                 params: SamplingParams, ref: Any, adapter_label: str, metrics: Any):
+                 params: SamplingParams, ref: AdapterRef | None, adapter_label: str, metrics: Any):
         self.engine = engine
         self.ref = ref
         self.adapter_label = adapter_label
@@ -224,6 +227,37 @@ class ChoiceRunner:
         if self.ref is not None:
             ref, self.ref = self.ref, None
             self.engine.adapters.release(ref)
+
+
+async def respond(request: Request, engine: EngineClient, state: ServerState, req: Any, *, prefix: str,
+                  objects: tuple[str, str], prompts: list[list[int]], params: SamplingParams,
+                  ref: AdapterRef | None, adapter: str | None, collect, sse):
+    """The tail both routes share: start the choices, log, count in-flight, then answer with one JSON
+    body (`collect(runner, head, decode)`) or an SSE stream (`sse(runner, head, decode, include_usage)`);
+    `objects` = (the body's "object", a chunk's "object"). Cleanup runs on every exit."""
+    rid = new_id(prefix)
+    label = adapter or "base"
+    runner = ChoiceRunner(engine, rid, prompts, params, ref, label, state.metrics)
+    log_fields = request.scope.setdefault("loramux.log", {})
+    log_fields.update(id=rid, adapter=label, prompt_tokens=runner.prompt_tokens, stream=bool(req.stream))
+    state.inflight += 1
+
+    def finish() -> None:
+        runner.close()
+        state.inflight -= 1
+        log_fields["completion_tokens"] = runner.total_completion_tokens
+
+    model = adapter or engine.model_name
+    decode = engine.tokenizer.decode
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        head = {"id": rid, "object": objects[1], "created": int(time.time()), "model": model}
+        return ClosingStreamingResponse(sse(runner, head, decode, include_usage), on_close=finish)
+    head = {"id": rid, "object": objects[0], "created": int(time.time()), "model": model}
+    try:
+        return await unless_disconnected(request, collect(runner, head, decode))
+    finally:
+        finish()
 
 
 async def wait_disconnect(request: Request) -> None:

@@ -11,10 +11,12 @@ from typing import Any
 from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
+from adapters.errors import AdapterError, AdapterNotFound
+from adapters.ref import AdapterRef
 from server.api.deps import EngineDep, InferenceAuth, SettingsDep, StateDep
 from server.api.errors import APIError, from_adapter_error
 from server.api.generation import base_names
-from server.engine_client import AdapterInfo, EngineClient
+from server.engine.client import EngineClient
 
 router = APIRouter(dependencies=[InferenceAuth], tags=["models"])
 
@@ -24,7 +26,7 @@ def base_entry(engine: EngineClient, created: int) -> dict[str, Any]:
             "parent": None, "root": engine.model_name, "loramux": engine.model_info()}
 
 
-def adapter_entry(engine: EngineClient, info: AdapterInfo) -> dict[str, Any]:
+def adapter_entry(engine: EngineClient, info: AdapterRef) -> dict[str, Any]:
     return {"id": info.name, "object": "model", "created": int(info.created_at), "owned_by": "loramux",
             "parent": engine.model_name, "root": engine.model_name,
             "loramux": {"version": info.version, "adapter_id": info.id, "rank": info.rank,
@@ -45,8 +47,8 @@ async def get_model(model_id: str, engine: EngineDep, settings: SettingsDep, sta
         return base_entry(engine, int(state.started_at))
     try:
         info = await run_in_threadpool(engine.adapters.get, model_id)
-    except ValueError as exc:
-        if getattr(exc, "code", None) == "not_found":
-            raise APIError(404, f"model {model_id!r} not found", param="model", code="model_not_found") from None
+    except AdapterNotFound:
+        raise APIError(404, f"model {model_id!r} not found", param="model", code="model_not_found") from None
+    except AdapterError as exc:
         raise from_adapter_error(exc, param="model") from None
     return adapter_entry(engine, info)

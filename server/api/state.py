@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.engine_client import EngineClient
+from server.engine.client import EngineClient
 from server.settings import ServerSettings
 
 

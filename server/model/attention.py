@@ -18,11 +18,9 @@ host->device copy), shared by all layers. Each layer then:
      `context_len - query_len + j` and sees keys `<=` it; a fresh prefill uses the step's own K/V.
 No host syncs (`.item()`, `.tolist()`) happen in the layer loop.
 
-With `ops` (the fused CPU ops, inference only) steps 1 and 2 are one C++ call each: `kv_write`
-copies the K/V rows into their slots, and `decode_attention` reads each decode sequence's blocks
-in place (no gather copy, no padding), one task per (sequence, KV head), with the same numerics
-(scores rounded to the dtype as a bmm output is, fp32 softmax, probabilities in the dtype, fp32
-accumulation). Prefills keep the torch path below.
+`PagedAttention` (rotary + the steps above) is the module each `LlamaAttention` calls; faster
+implementations replace it at build time (server/model/cpu_ops.py: steps 1 and 2 as one C++ call
+each, reading the blocks in place, same numerics) and reuse `prefill_attention` for prefills.
 """
 from __future__ import annotations
 
@@ -30,9 +28,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from server.model.config import ModelConfig
 from server.model.context import ForwardContext
+from server.model.rope import apply_rotary
 
 
 def allocate_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
@@ -117,65 +117,39 @@ def build_attention_plan(ctx: ForwardContext, kv_cache: torch.Tensor) -> Attenti
     return plan
 
 
-def paged_attention_fused(qkv: torch.Tensor, q_size: int, kv_size: int, kv_cache: torch.Tensor,
-                          ctx: ForwardContext, plan: AttentionPlan, scale: float, ops, heads: int) -> torch.Tensor:
-    """The fused-ops path: qkv [T, q|k|v] (rotated) -> out [T, H, D]. K/V are written with one
-    `kv_write`, decode rows use the `decode_attention` kernel, prefills the torch path below."""
-    T = qkv.shape[0]
-    ops.kv_write(kv_cache, qkv[:, q_size : q_size + kv_size], qkv[:, q_size + kv_size :], ctx.slot_mapping)
-    if plan.all_decode and plan.decode_q_rows is not None:
-        out = qkv.new_empty(T, heads, kv_cache.shape[-1])
-        ops.decode_attention(out, qkv[:, :q_size], plan.decode_q_rows, kv_cache, plan.decode_tables,
-                             plan.decode_lens, heads, scale)
-        return out
-    D = kv_cache.shape[-1]
-    q = qkv[:, :q_size].view(T, heads, D)
-    k = qkv[:, q_size : q_size + kv_size].view(T, -1, D)
-    v = qkv[:, q_size + kv_size :].view(T, -1, D)
-    return paged_attention(q, k, v, kv_cache, ctx, plan, scale, ops, written=True)
+def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, plan: AttentionPlan) -> None:
+    """Scatter the step's k/v [T, KV, D] into their slots (one `index_copy_` for K and V of all heads)."""
+    D = k.shape[-1]
+    # K|V of the step, [2, T, KV, D] -> [2, KV, T, D] -> rows (K|V, head, token) of the flat view
+    new = torch.stack((k, v)).transpose(1, 2).reshape(-1, D)
+    kv_cache.view(-1, D).index_copy_(0, plan.write_rows, new)
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                    ctx: ForwardContext, plan: AttentionPlan, scale: float, ops=None,
-                    written: bool = False) -> torch.Tensor:
-    """q [T, H, D], k/v [T, KV, D] (rotated) -> out [T, H, D]; writes k/v into `kv_cache` (unless
-    `written`: the caller already did)."""
+def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, plan: AttentionPlan, scale: float) -> torch.Tensor:
+    """The decode rows of q [T, H, D] (all rows when the step is all-decode) -> [B, H, D]: gather
+    every decode sequence's blocks with one `index_select`, padded to the longest context."""
     T, H, D = q.shape
+    KV = kv_cache.shape[1]
+    G = H // KV
+    bs = kv_cache.shape[3]
+    qd = q if plan.decode_rows is None else q.index_select(0, plan.decode_rows)
+    B = qd.shape[0]
+    # [2*KV*B*nblocks, bs*D] -> [2, KV, B, L_pad, D]: contiguous, each (head, seq) one matrix
+    kv = kv_cache.view(-1, bs * D).index_select(0, plan.decode_block_rows).view(2, KV, B, -1, D)
+    # [B, H, D] -> [KV, B, G, D]: the G query heads of a group are the rows of one matmul.
+    qd = qd.view(B, KV, G, D).transpose(0, 1)
+    scores = torch.matmul(qd, kv[0].transpose(2, 3)).float() * scale  # [KV, B, G, L_pad]
+    probs = scores.masked_fill_(~plan.decode_mask, float("-inf")).softmax(-1).to(q.dtype)
+    return torch.matmul(probs, kv[1]).transpose(0, 1).reshape(B, H, D)  # [KV, B, G, D] -> [B, H, D]
+
+
+def prefill_attention(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      kv_cache: torch.Tensor, plan: AttentionPlan, scale: float) -> None:
+    """Each prefill sequence (full or chunked) in turn, written into its rows of out [T, H, D]."""
+    H, D = q.shape[1], q.shape[2]
     KV = k.shape[1]
     G = H // KV
-    _, _, num_blocks, bs, _ = kv_cache.shape
-    if written:
-        pass
-    elif ops is not None:
-        ops.kv_write(kv_cache, k.view(T, KV * D), v.view(T, KV * D), ctx.slot_mapping)
-    else:
-        # K|V of the step, [2, T, KV, D] -> [2, KV, T, D] -> rows (K|V, head, token) of the flat view
-        new = torch.stack((k, v)).transpose(1, 2).reshape(-1, D)
-        kv_cache.view(-1, D).index_copy_(0, plan.write_rows, new)
-    blocks_view = kv_cache.view(-1, bs * D)  # rows (K|V, head, block)
-    out = q.new_empty(T, H, D) if not plan.all_decode else None
-
-    if ops is not None and plan.decode_q_rows is not None:
-        od = q.new_empty(plan.decode_q_rows.shape[0], H, D)
-        ops.decode_attention(od, q.view(T, H * D), plan.decode_q_rows, kv_cache, plan.decode_tables,
-                             plan.decode_lens, H, scale)
-        if plan.all_decode:
-            return od
-        out.index_copy_(0, plan.decode_rows, od)
-    elif plan.decode_block_rows is not None:
-        qd = q if plan.decode_rows is None else q.index_select(0, plan.decode_rows)
-        B = qd.shape[0]
-        # [2*KV*B*nblocks, bs*D] -> [2, KV, B, L_pad, D]: contiguous, each (head, seq) one matrix
-        kv = blocks_view.index_select(0, plan.decode_block_rows).view(2, KV, B, -1, D)
-        # [B, H, D] -> [KV, B, G, D]: the G query heads of a group are the rows of one matmul.
-        qd = qd.view(B, KV, G, D).transpose(0, 1)
-        scores = torch.matmul(qd, kv[0].transpose(2, 3)).float() * scale  # [KV, B, G, L_pad]
-        probs = scores.masked_fill_(~plan.decode_mask, float("-inf")).softmax(-1).to(q.dtype)
-        od = torch.matmul(probs, kv[1]).transpose(0, 1).reshape(B, H, D)  # [KV, B, G, D] -> [B, H, D]
-        if plan.all_decode:
-            return od
-        out.index_copy_(0, plan.decode_rows, od)
-
+    blocks_view = kv_cache.view(-1, kv_cache.shape[3] * D)  # rows (K|V, head, block)
     for p in plan.prefills:
         qs = q[p.start : p.start + p.query_len].transpose(0, 1)  # [H, q, D]
         if p.block_rows is None:
@@ -191,4 +165,44 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=p.mask, is_causal=p.mask is None,
                                            scale=scale)
         out[p.start : p.start + p.query_len] = o.transpose(0, 1)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                    ctx: ForwardContext, plan: AttentionPlan, scale: float) -> torch.Tensor:
+    """q [T, H, D], k/v [T, KV, D] (rotated) -> out [T, H, D]; writes k/v into `kv_cache`."""
+    write_kv(k, v, kv_cache, plan)
+    if plan.decode_block_rows is not None:
+        od = decode_attention(q, kv_cache, plan, scale)
+        if plan.all_decode:
+            return od
+        out = q.new_empty(q.shape)
+        out.index_copy_(0, plan.decode_rows, od)
+    else:
+        out = q.new_empty(q.shape)
+    prefill_attention(out, q, k, v, kv_cache, plan, scale)
     return out
+
+
+class PagedAttention(nn.Module):
+    """Rotary on q|k, then paged attention of the step: qkv [T, q|k|v] -> o [T, H, D].
+
+    A module (no parameters) so that the attention implementation is a substitution chosen when the
+    engine is built: the fused CPU ops (server/model/cpu_ops.py) subclass it."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
+
+    def forward(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
+                ctx: ForwardContext, plan: AttentionPlan) -> torch.Tensor:
+        T = qkv.shape[0]
+        H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
+        # q|k rotated in one go: [T, (H + KV) * D] -> [T, H + KV, D] (half the elementwise ops)
+        qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(T, H + KV, D), cos, sin)
+        q, k = qk[:, :H], qk[:, H:]  # views [T, H, D], [T, KV, D]
+        v = qkv[:, self.q_size + self.kv_size :].view(T, KV, D)
+        return paged_attention(q, k, v, kv_cache, ctx, plan, self.scale)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}"

@@ -1,9 +1,11 @@
 """One small per-step context object that carries everything attention and LoRA layers need.
 
 The runner builds a `ForwardContext` per engine step (flattened batch `[num_tokens, hidden]`,
-no padding) and passes it to `LlamaForCausalLM.forward(input_ids, ctx)`; the model installs it
-with `use_context` so that deep modules (paged attention, LoRA-aware linears) read it through
-`get_context()` without threading it through every signature.
+no padding; `make_context` from per-sequence positions and block tables) and passes it to
+`LlamaForCausalLM.forward(input_ids, ctx)`; the model installs it with `use_context` so that deep
+modules (paged attention, LoRA-aware linears) read it through `get_context()` without threading it
+through every signature. `lora` is the step's LoRA plan, made by the engine's LoRA backend
+(`backend.prepare(LoRABatch)`); the model's math never looks inside it.
 """
 from __future__ import annotations
 
@@ -11,10 +13,9 @@ import contextlib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-
-from kernels.batch import LoRABatch
 
 
 @dataclass
@@ -29,7 +30,7 @@ class ForwardContext:
     query_start_loc: torch.Tensor  # [num_seqs + 1] int64, cumulative query_lens
     context_lens_t: torch.Tensor  # [num_seqs] int64, context_lens on the device
     block_size: int
-    lora: LoRABatch | None = None  # None: no row of this step uses an adapter
+    lora: Any = None  # the LoRA backend's plan for this step; None: no row uses an adapter
 
     @property
     def num_seqs(self) -> int:
@@ -38,6 +39,32 @@ class ForwardContext:
     @property
     def is_decode_only(self) -> bool:
         return all(q == 1 for q in self.query_lens)
+
+
+def make_context(positions: list[list[int]], tables: list[list[int]], block_size: int,
+                 device: torch.device) -> ForwardContext:
+    """One step: `positions[i]` are the new tokens' positions of sequence i (contiguous, ending at
+    its context length - 1), `tables[i]` its block table."""
+    query_lens = [len(p) for p in positions]
+    context_lens = [p[-1] + 1 for p in positions]
+    flat_pos = [x for p in positions for x in p]
+    slots = [tables[i][x // block_size] * block_size + x % block_size
+             for i, p in enumerate(positions) for x in p]
+    width = max(len(t) for t in tables)
+    padded = [t + [0] * (width - len(t)) for t in tables]
+    starts = [0]
+    for q in query_lens:
+        starts.append(starts[-1] + q)
+    return ForwardContext(
+        positions=torch.tensor(flat_pos, dtype=torch.int64, device=device),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        query_lens=query_lens,
+        context_lens=context_lens,
+        block_tables=torch.tensor(padded, dtype=torch.int32, device=device),
+        query_start_loc=torch.tensor(starts, dtype=torch.int64, device=device),
+        context_lens_t=torch.tensor(context_lens, dtype=torch.int64, device=device),
+        block_size=block_size,
+    )
 
 
 # Per thread: two models running forward in two threads of one process (the engine thread and a

@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import cpu_ext
-from server.model.tracked import Tracked
 
 _PACKABLE = (torch.float32, torch.bfloat16)
 log = logging.getLogger("loramux.model")
@@ -46,9 +45,20 @@ def available_memory_bytes() -> int | None:
     return None
 
 
+def _bf16_packable() -> bool:
+    """oneDNN packs bf16 weights only with AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT; our own bf16 GEMM
+    needs AVX512-BF16. On an AVX2-only CPU bf16 linears stay plain `nn.Linear`s."""
+    ext = cpu_ext.loaded()
+    if ext is not None and own_gemm_enabled() and ext.bf16_gemm_available():
+        return True
+    avx512 = getattr(torch.cpu, "_is_avx512_supported", None)
+    return bool(avx512()) if avx512 is not None else True
+
+
 def prepack_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return (device.type == "cpu" and dtype in _PACKABLE and torch.backends.mkldnn.is_available()
-            and os.environ.get("LORAMUX_CPU_PREPACK", "1") != "0")
+            and os.environ.get("LORAMUX_CPU_PREPACK", "1") != "0"
+            and (dtype != torch.bfloat16 or _bf16_packable()))
 
 
 _linear_pointwise = torch.ops.mkldnn._linear_pointwise
@@ -73,7 +83,7 @@ def _own_gemm(w: torch.Tensor):
     return None
 
 
-class PackedLinear(Tracked, nn.Linear):
+class PackedLinear(nn.Linear):
     """`nn.Linear` whose inference forward runs on a pre-packed weight: our GEMMs
     (kernels/csrc/gemm_bf16.cpp, gemm_f32.cpp) when the C++ ops are loaded, oneDNN's pre-packed
     linear otherwise."""
@@ -87,7 +97,9 @@ class PackedLinear(Tracked, nn.Linear):
         self._packed_version = -1
         self.kind = "onednn"  # or "bf16_gemm" / "f32_gemm": which packed layout `_packed` holds
 
-    def _pack(self) -> torch.Tensor:
+    def packed_weight(self) -> torch.Tensor:
+        """The packed copy of the weight, re-packed first if the weight was edited in place;
+        `self.kind` says which layout it is in (the C++ decode loop reads both)."""
         w = self.weight
         # Inference tensors (made under torch.inference_mode) keep no version counter: packed once.
         version = -2 if w.is_inference() else w._version
@@ -108,9 +120,9 @@ class PackedLinear(Tracked, nn.Linear):
         w = self.weight
         if torch.is_grad_enabled() or x.dtype != w.dtype or x.device.type != "cpu" or x.dim() < 2:
             return F.linear(x, w, self.bias)
-        packed = self._packed  # the repack check of _pack(), inlined: this runs ~120 times per step
+        packed = self._packed  # the repack check of packed_weight(), inlined: this runs ~120 times per step
         if packed is None or self._packed_version != (-2 if w.is_inference() else w._version):
-            packed = self._pack()
+            packed = self.packed_weight()
         if self.kind != "onednn":
             x2 = x if x.dim() == 2 and x.stride(-1) == 1 else x.reshape(-1, x.shape[-1]).contiguous()
             ext = cpu_ext.loaded()
@@ -136,6 +148,6 @@ def prepack_linears(model: nn.Module, batch_hint: int = 32, available: int | Non
         return 0
     for parent, name, child in targets:
         packed = PackedLinear(child, batch_hint)
-        packed._pack()
+        packed.packed_weight()
         setattr(parent, name, packed)
     return len(targets)

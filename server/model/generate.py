@@ -3,7 +3,7 @@
 `greedy_generate` allocates a small KV cache, hands each sequence blocks from a trivial allocator
 (a free list, deliberately handed out in reverse so tables are non-contiguous), builds the
 `ForwardContext` of each step (one prefill step, optionally in chunks, then one decode step per
-token) and takes the argmax of the last row's logits. `make_context` is the runner's job in miniature.
+token) and takes the argmax of the last row's logits. Used by tests and scripts, never by the engine.
 """
 from __future__ import annotations
 
@@ -12,34 +12,8 @@ from collections.abc import Sequence
 import torch
 
 from server.model.attention import allocate_kv_cache
-from server.model.context import ForwardContext
+from server.model.context import make_context
 from server.model.llama import LlamaForCausalLM
-
-
-def make_context(positions: list[list[int]], tables: list[list[int]], block_size: int,
-                 device: torch.device) -> ForwardContext:
-    """One step: `positions[i]` are the new tokens' positions of sequence i (contiguous, ending at
-    its context length - 1), `tables[i]` its block table."""
-    query_lens = [len(p) for p in positions]
-    context_lens = [p[-1] + 1 for p in positions]
-    flat_pos = [x for p in positions for x in p]
-    slots = [tables[i][x // block_size] * block_size + x % block_size
-             for i, p in enumerate(positions) for x in p]
-    width = max(len(t) for t in tables)
-    padded = [t + [0] * (width - len(t)) for t in tables]
-    starts = [0]
-    for q in query_lens:
-        starts.append(starts[-1] + q)
-    return ForwardContext(
-        positions=torch.tensor(flat_pos, dtype=torch.int64, device=device),
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-        query_lens=query_lens,
-        context_lens=context_lens,
-        block_tables=torch.tensor(padded, dtype=torch.int32, device=device),
-        query_start_loc=torch.tensor(starts, dtype=torch.int64, device=device),
-        context_lens_t=torch.tensor(context_lens, dtype=torch.int64, device=device),
-        block_size=block_size,
-    )
 
 
 @torch.inference_mode()

@@ -14,7 +14,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, proc
 from tokenizers import Tokenizer as HFTokenizer
 
 from server.model.errors import ModelLoadError
-from server.tokenizer import Tokenizer
+from server.model.tokenizer import Tokenizer
 
 # Split regexes of llama.cpp's pre-tokenizer flavours (as in llama-vocab.cpp / HF tokenizer.json).
 _LLAMA3_SPLIT = (

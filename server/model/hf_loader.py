@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 from server.model.config import ModelConfig
 from server.model.errors import ModelLoadError
-from server.tokenizer import Tokenizer
+from server.model.tokenizer import Tokenizer
 
 
 def _read_json(path: Path, required: bool = True) -> dict[str, Any]:

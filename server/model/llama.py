@@ -10,9 +10,10 @@ Projections are fused (`qkv_proj` = q|k|v, `gate_up_proj` = gate|up) and called 
 `lora_targets()` lists those substitution points with the HF names of their output slices.
 
 The residual stream is carried beside the sublayer output (`h, residual`), so each RMSNorm also
-does the residual add before it. With `LlamaModel.cpu_ops` set (the fused CPU ops, see
-`server/model/cpu_ops.py`) and no autograd recording, the norms, rotary, activation and paged
-attention are single C++ calls; otherwise they are the torch formulations. Same numerics either way.
+does the residual add before it. Norms, the activation and the attention (`attn`: rotary + paged
+attention) are modules too, so faster implementations are substituted at build time (pre-packed
+linears, LoRA wrappers, the fused CPU ops) without a branch here; whatever runs the model in
+another way (the C++ all-layers decode loop) is an executor on the runner's side.
 """
 from __future__ import annotations
 
@@ -21,12 +22,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from server.model.attention import AttentionPlan, build_attention_plan, paged_attention, paged_attention_fused
+from server.model.attention import AttentionPlan, PagedAttention, build_attention_plan
 from server.model.config import ModelConfig
 from server.model.context import ForwardContext, get_context, use_context
-from server.model.layers import RMSNorm, silu_and_mul
-from server.model.rope import RotaryEmbedding, apply_rotary
-from server.model.tracked import Tracked
+from server.model.layers import RMSNorm, SiluAndMul
+from server.model.rope import RotaryEmbedding
 
 
 @dataclass(frozen=True)
@@ -40,48 +40,36 @@ class LoRATarget:
     slices: tuple[tuple[str, int], ...]
 
 
-class LlamaAttention(Tracked):
+class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
-        self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
-        self.scale = cfg.head_dim ** -0.5
+        self.q_size = cfg.q_size
         self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_proj_bias)
+        self.attn = PagedAttention(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                                   cfg.head_dim ** -0.5)
         self.kv_cache: torch.Tensor | None = None  # bound by LlamaForCausalLM.bind_kv_cache
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: AttentionPlan | None,
-                ops=None) -> torch.Tensor:
-        T = x.shape[0]
-        qkv = self.qkv_proj(x)  # [T, q + 2*kv]
-        H, KV, D = self.num_heads, self.num_kv_heads, self.head_dim
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: AttentionPlan | None) -> torch.Tensor:
         if self.kv_cache is None or plan is None:
             raise RuntimeError("bind_kv_cache() must be called before forward()")
-        # q|k rotated in one go: [T, (H + KV) * D] -> [T, H + KV, D] (half the elementwise ops)
-        if ops is not None:  # rotary in place; attention reads q|k|v as column ranges of qkv
-            ops.rotary_(qkv, cos, sin, H + KV, D)
-            o = paged_attention_fused(qkv, self.q_size, self.kv_size, self.kv_cache, get_context(), plan,
-                                      self.scale, ops, H)
-            return self.o_proj(o.view(T, self.q_size))
-        qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(T, H + KV, D), cos, sin)
-        q, k = qk[:, :H], qk[:, H:]  # views [T, H, D], [T, KV, D]
-        v = qkv[:, self.q_size + self.kv_size :].view(T, KV, D)
-        o = paged_attention(q, k, v, self.kv_cache, get_context(), plan, self.scale)
-        return self.o_proj(o.reshape(T, self.q_size))  # [T, H, D] -> [T, q_size] -> [T, hidden]
+        qkv = self.qkv_proj(x)  # [T, q + 2*kv]
+        o = self.attn(qkv, cos, sin, self.kv_cache, get_context(), plan)  # [T, H, D]
+        return self.o_proj(o.reshape(x.shape[0], self.q_size))  # [T, H, D] -> [T, q_size] -> [T, hidden]
 
 
-class LlamaMLP(Tracked):
+class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.act_fn = SiluAndMul()
 
-    def forward(self, x: torch.Tensor, ops=None) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x), ops))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
-class LlamaDecoderLayer(Tracked):
+class LlamaDecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -90,48 +78,42 @@ class LlamaDecoderLayer(Tracked):
         self.mlp = LlamaMLP(cfg)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                plan: AttentionPlan | None, ops=None) -> tuple[torch.Tensor, torch.Tensor]:
+                plan: AttentionPlan | None) -> tuple[torch.Tensor, torch.Tensor]:
         """h: the previous sublayer's output (the embeddings, with residual None, for layer 0) ->
         (this layer's MLP output, the residual stream before it is added)."""
-        h, residual = self.input_layernorm.residual_norm(h, residual, ops)
-        h = self.self_attn.forward(h, cos, sin, plan, ops)
-        h, residual = self.post_attention_layernorm.residual_norm(h, residual, ops)
-        return self.mlp.forward(h, ops), residual
+        h, residual = self.input_layernorm.residual_norm(h, residual)
+        h = self.self_attn.forward(h, cos, sin, plan)
+        h, residual = self.post_attention_layernorm.residual_norm(h, residual)
+        return self.mlp.forward(h), residual
 
 
-class LlamaModel(Tracked):
+class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(cfg)
-        self.cpu_ops = None  # the fused CPU ops module, set by server.model.cpu_ops.enable_cpu_ops
-        self.decode_loop = None  # (generation, kernels.cpu_ext DecodeLoop | None), built on first use
 
-    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        ops = self.cpu_ops
-        if ops is not None and (torch.is_grad_enabled() or input_ids.device.type != "cpu"):
-            ops = None  # C++ ops record no autograd graph: training takes the torch formulations
+    def step_inputs(self, input_ids: torch.Tensor, ctx: ForwardContext
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionPlan | None]:
+        """What every layer of a step shares: the embeddings [T, hidden], the rotary rows and the
+        attention plan (None when no KV cache is bound: the trainer's dense attention needs none)."""
         x = self.embed_tokens(input_ids)  # [T] -> [T, hidden]
         cos, sin = self.rotary_emb.cos_sin(ctx.positions, max(ctx.context_lens), x.dtype)
-        # No bound cache: attention modules that do not page (the trainer's dense one) get no plan;
-        # a paged LlamaAttention then refuses to run (bind_kv_cache() first).
         cache = getattr(self.layers[0].self_attn, "kv_cache", None)
         plan = build_attention_plan(ctx, cache) if cache is not None else None
-        if ops is not None and plan is not None and plan.all_decode and plan.decode_q_rows is not None:
-            from server.model.cpu_ops import run_decode_loop
+        return x, cos, sin, plan
 
-            out = run_decode_loop(self, ops, x, cos, sin, ctx, plan)
-            if out is not None:  # all layers in one C++ call (same kernels, same results)
-                return out
-        h, residual = x, None
+    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        h, cos, sin, plan = self.step_inputs(input_ids, ctx)
+        residual = None
         for layer in self.layers:  # .forward: ~330 module calls per step, no hooks to run
-            h, residual = layer.forward(h, residual, cos, sin, plan, ops)
-        return self.norm.residual_norm(h, residual, ops)[0]
+            h, residual = layer.forward(h, residual, cos, sin, plan)
+        return self.norm.residual_norm(h, residual)[0]
 
 
-class LlamaForCausalLM(Tracked):
+class LlamaForCausalLM(nn.Module):
     """`forward(input_ids [T] int64, ctx) -> hidden [T, hidden]`; `compute_logits(h) -> [N, vocab] fp32`."""
 
     def __init__(self, cfg: ModelConfig) -> None:

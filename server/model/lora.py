@@ -1,13 +1,12 @@
 """LoRA as a module substitution: `LoRALinear` wraps a fused base projection and adds every row's
-own adapter delta in one kernel call; `attach_lora` swaps it in for each `model.lora_targets()`.
+own adapter delta in one backend call; `attach_lora` swaps it in for each `model.lora_targets()`.
 
 Data flow per call: `y = base(x)` ([T, in] -> [T, out], out = concatenated HF slices such as
-q|k|v), then if the step's `ForwardContext.lora` has active rows,
-`kernels.add_lora(y, x, A views, B views, scaling view, batch, out_slices)` (bound once per layer as
-a `kernels.BoundLoRA`) adds in place, for each slice i and row t with slot s >= 0:
-`scaling[i, s] * (x[t] @ A_i[s].T) @ B_i[s].T`. The views are
-bound once to the `SlotPool`'s buffers for this layer, so loading an adapter into a slot is seen
-here without rebinding. The model's forward has no LoRA branches: it just calls `self.qkv_proj(x)`.
+q|k|v), then, if the step's `ForwardContext.lora` (the plan the engine's LoRA backend prepared once
+for the step) has active rows, `self.lora(y, x, plan)` adds in place, for each slice i and row t with
+slot s >= 0: `scaling[i, s] * (x[t] @ A_i[s].T) @ B_i[s].T`. `self.lora` is the backend's binding
+of this layer's views of the `SlotPool` buffers, made once here: loading an adapter into a slot is
+seen without rebinding. The model's forward has no LoRA branches: it just calls `self.qkv_proj(x)`.
 """
 from __future__ import annotations
 
@@ -16,14 +15,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-import kernels
 from adapters.slots import SlotPool
 from server.model.context import get_context
-from server.model.tracked import Tracked
 
 
-class LoRALinear(Tracked):
-    def __init__(self, base: nn.Linear, layer_idx: int, slices: Sequence[tuple[str, int]], pool: SlotPool):
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Module, layer_idx: int, slices: Sequence[tuple[str, int]], pool: SlotPool,
+                 backend) -> None:
         super().__init__()
         widths = [w for _, w in slices]
         if sum(widths) != base.out_features:
@@ -37,25 +35,25 @@ class LoRALinear(Tracked):
         self.lora_a = pool.a_views(layer_idx, self.slice_names)  # each [slots, r_max, in]
         self.lora_b = pool.b_views(layer_idx, self.slice_names)  # each [slots, out_i, r_max]
         self.scaling = pool.scaling_view(layer_idx, self.slice_names)  # [num_slices, slots] fp32
-        self.add_delta = kernels.BoundLoRA(self.lora_a, self.lora_b, self.scaling, self.out_slices)
+        self.lora = backend.bind(self.lora_a, self.lora_b, self.scaling, self.out_slices)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base.forward(x)  # no hooks on the wrapped projection: skip the module-call machinery
-        batch = get_context().lora
-        if batch is None or not batch.has_lora:
+        plan = get_context().lora
+        if plan is None or not plan.has_lora:
             return y
         # The engine runs flattened [T, in]; tolerate extra leading dims by viewing them flat.
-        x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
-        self.add_delta(y2, x2, batch)
+        self.lora(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), plan)
         return y
 
     def extra_repr(self) -> str:
         return f"layer={self.layer_idx}, slices={self.out_slices}, modules={self.slice_names}"
 
 
-def attach_lora(model: nn.Module, pool: SlotPool) -> None:
-    """Replace every LoRA target of `model` with a LoRALinear bound to `pool` (idempotent)."""
+def attach_lora(model: nn.Module, pool: SlotPool, backend) -> None:
+    """Replace every LoRA target of `model` with a LoRALinear bound to `pool` through `backend`
+    (a kernels backend: `make_backend(device)`); idempotent."""
     for target in model.lora_targets():
         current = getattr(target.parent, target.attr)
         base = current.base if isinstance(current, LoRALinear) else current
-        setattr(target.parent, target.attr, LoRALinear(base, target.layer_idx, target.slices, pool))
+        setattr(target.parent, target.attr, LoRALinear(base, target.layer_idx, target.slices, pool, backend))

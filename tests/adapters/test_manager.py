@@ -104,7 +104,7 @@ def test_upload_replace_unload_and_restart(world):
     assert manager.registry.weights(old).sha256 == old.sha256  # pinned: disk now holds v2
     assert manager.registry.weights(new).sha256 == new.sha256 != old.sha256
     manager.registry.release(old)
-    manager.unload("existing", timeout_s=1)
+    manager.delete("existing", timeout_s=1)
     assert manager.store.list() == [] and pool.resident() == {}
     manager.upload("a", *make_adapter(seed=1))
     (tmp_path / "adapters" / "junk").mkdir()  # an invalid dir: skipped at start-up with its reason

@@ -72,17 +72,18 @@ def _our_model(root, device):
     return load_model(str(root / "base"), dtype="float32", device=device).model
 
 
-def _run(model, prompts, token_slots, device):
-    """One flattened prefill of all prompts through a fresh paged KV cache; logits per prompt."""
+def _run(model, prompts, token_slots, device, backend=None):
+    """One flattened prefill of all prompts through a fresh paged KV cache; logits per prompt.
+    `backend` prepares the step's LoRA plan, as the runner does."""
     from server.model.attention import allocate_kv_cache
-    from server.model.generate import make_context
+    from server.model.context import make_context
 
     blocks = [-(-len(p) // BLOCK) for p in prompts]
     model.bind_kv_cache(allocate_kv_cache(model.config, sum(blocks), BLOCK, torch.float32, device))
     starts = [sum(blocks[:i]) for i in range(len(blocks))]
     tables = [list(range(s, s + b))[::-1] for s, b in zip(starts, blocks, strict=True)]  # non-contiguous
     ctx = make_context([list(range(len(p))) for p in prompts], tables, BLOCK, torch.device(device))
-    ctx.lora = LoRABatch.build(token_slots, device) if token_slots is not None else None
+    ctx.lora = backend.prepare(LoRABatch.build(token_slots, device)) if token_slots is not None else None
     with torch.inference_mode():
         logits = model.compute_logits(model(torch.cat(prompts).to(device), ctx))
     return [t.cpu() for t in logits.split([len(p) for p in prompts])]
@@ -114,13 +115,13 @@ def test_mixed_batch_matches_peft_and_merged_weights(world, backend, device, ato
         registry.register(validate_dir(root / name, name, spec, ValidationLimits(max_rank=8)))
     pool = SlotPool(spec, num_slots=len(ADAPTERS), max_rank=8, dtype=torch.float32, device=device,
                     host_cache_size=2, fetch=registry.weights)
-    attach_lora(model, pool)
+    lora_backend = kernels.make_backend(device, backend)
+    attach_lora(model, pool, lora_backend)
     refs = {name: registry.acquire(name) for name in dict.fromkeys(n for n, _ in SEQUENCES if n)}
     slots = pool.prepare(list(refs.values()))
     token_slots = [slots[refs[name].id] if name else -1 for (name, _), p in zip(SEQUENCES, prompts, strict=True)
                    for _ in range(len(p))]
-    with kernels.use_backend(backend):
-        ours = _run(model, prompts, token_slots, device)
+    ours = _run(model, prompts, token_slots, device, lora_backend)
 
     for i, (name, _) in enumerate(SEQUENCES):
         torch.testing.assert_close(ours[i], expected[name][i], atol=atol, rtol=0, msg=f"seq {i} ({name})")

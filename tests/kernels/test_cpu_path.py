@@ -1,18 +1,37 @@
-"""The CPU path (every formulation and the "auto" pick) and the public dispatch, vs the reference."""
+"""The CPU backend (the fused kernel, its torch fallbacks and the auto pick), the benchmark's
+formulations, and the public functional ops, vs the reference."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-import kernels
-from kernels import LoRABatch, add_lora, cpu, lora_expand, lora_shrink, reference, use_backend
+from kernels import (
+    CPUBackend,
+    LoRABatch,
+    add_lora,
+    bench_formulations,
+    cpu,
+    lora_expand,
+    lora_shrink,
+    make_backend,
+    reference,
+)
 from kernels.layout import a_table, b_table
 
 from .cases import PATTERNS, batch_with_empty_segment, check, make_case
 
-# kernel and embbag need the row-table layout; the others take any layout.
-IMPL_LAYOUTS = [(i, lay) for i in ("auto", "kernel", "embbag", "gather", "segments", "dense") for lay in ("plain", "table")
-                if not (i in ("kernel", "embbag") and lay == "plain")]
+# The engine's CPU backend formulations ("kernel" needs the row-table layout) and the benchmark's
+# candidates ("embbag" needs the row-table layout, the others take any layout).
+IMPL_LAYOUTS = [(i, lay) for i in ("auto", "kernel", "segments") for lay in ("plain", "table")
+                if not (i == "kernel" and lay == "plain")]
+BENCH_LAYOUTS = [(i, lay) for i in bench_formulations.FORMULATIONS for lay in ("plain", "table")
+                 if not (i == "embbag" and lay == "plain")]
+
+
+def _cpu_add(y, case, slots, impl="auto", batch=None):
+    backend = CPUBackend(impl)
+    backend.bind(case.lora_a, case.lora_b, case.scaling, case.out_slices)(
+        y, case.x, backend.prepare(batch or LoRABatch.build(slots)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -22,19 +41,39 @@ def test_formulation_matches_reference(name, impl, layout, dtype):
     slots = PATTERNS[name]
     case = make_case(slots, dtype=dtype, layout=layout, seed=len(slots))
     y = case.y.clone()
-    cpu.add_lora(y, case.x, case.lora_a, case.lora_b, case.scaling, LoRABatch.build(slots), case.out_slices, impl)
+    _cpu_add(y, case, slots, impl)
     check(y, case, slots)
 
 
-def test_auto_picks_by_segments_and_layout():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("impl", "layout"), BENCH_LAYOUTS)
+@pytest.mark.parametrize("name", PATTERNS)
+def test_bench_formulation_matches_reference(name, impl, layout, dtype):
+    slots = PATTERNS[name]
+    case = make_case(slots, dtype=dtype, layout=layout, seed=len(slots))
+    y = case.y.clone()
+    plan = CPUBackend().prepare(LoRABatch.build(slots))
+    bench_formulations.add_lora(y, case.x, case.lora_a, case.lora_b, case.scaling, plan, case.out_slices, impl)
+    check(y, case, slots)
+
+
+def test_bench_rule_picks_by_segments_and_layout():
     table, plain = make_case([0], layout="table"), make_case([0])
-    decode = cpu.plan_for(LoRABatch.build(list(range(6))))
-    assert cpu.choose(decode, table.lora_a, table.lora_b) == "embbag"
-    assert cpu.choose(decode, plain.lora_a, plain.lora_b) == "gather"
-    prefill = cpu.plan_for(LoRABatch.build([0] * 40 + [1] * 40 + [2] * 40))
-    assert cpu.choose(prefill, table.lora_a, table.lora_b) == "segments"
-    one = cpu.plan_for(LoRABatch.build([3] * 6))
-    assert cpu.choose(one, table.lora_a, table.lora_b) == "segments"
+    choose, prep = bench_formulations.choose, CPUBackend().prepare
+    decode = prep(LoRABatch.build(list(range(6))))
+    assert choose(decode, table.lora_a, table.lora_b) == "embbag"
+    assert choose(decode, plain.lora_a, plain.lora_b) == "gather"
+    prefill = prep(LoRABatch.build([0] * 40 + [1] * 40 + [2] * 40))
+    assert choose(prefill, table.lora_a, table.lora_b) == "segments"
+    one = prep(LoRABatch.build([3] * 6))
+    assert choose(one, table.lora_a, table.lora_b) == "segments"
+
+
+def test_plan_picks_the_kernel_by_rows_per_segment():
+    """The step's plan, made once by the backend: the kernel below KERNEL_MAX_SEG_ROWS rows per segment."""
+    prep = CPUBackend().prepare
+    assert prep(LoRABatch.build(list(range(6)))).use_kernel
+    assert not prep(LoRABatch.build([1] * cpu.KERNEL_MAX_SEG_ROWS)).use_kernel
 
 
 def test_layout_detection():
@@ -46,22 +85,21 @@ def test_layout_detection():
     assert a_table(case.lora_a[1:]) is None  # slices not starting at the storage's slice 0
 
 
-@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("backend", ["cpu", "torch", "reference"])
 @pytest.mark.parametrize("layout", ["plain", "table"])
 def test_public_shrink_expand_and_empty_segment(backend, layout):
     batch, slots = batch_with_empty_segment()
     case = make_case(slots, layout=layout)
-    with use_backend(backend):
-        v = lora_shrink(case.x, case.lora_a, batch)
-        want_v = reference.shrink_rows(case.x, case.lora_a, batch.token_slots)
-        assert v.dtype == torch.float32 and v.shape == (3, 5, 8)
-        torch.testing.assert_close(v, want_v, atol=1e-5, rtol=1e-5)
-        y = case.y.clone()
-        lora_expand(y, v, case.lora_b, case.scaling, batch, case.out_slices)
-        check(y, case, slots)
-        y = case.y.clone()
-        add_lora(y, case.x, case.lora_a, case.lora_b, case.scaling, batch, case.out_slices)
-        check(y, case, slots)
+    v = lora_shrink(case.x, case.lora_a, batch, backend=backend)
+    want_v = reference.shrink_rows(case.x, case.lora_a, batch.token_slots)
+    assert v.dtype == torch.float32 and v.shape == (3, 5, 8)
+    torch.testing.assert_close(v, want_v, atol=1e-5, rtol=1e-5)
+    y = case.y.clone()
+    lora_expand(y, v, case.lora_b, case.scaling, batch, case.out_slices, backend=backend)
+    check(y, case, slots)
+    y = case.y.clone()
+    add_lora(y, case.x, case.lora_a, case.lora_b, case.scaling, batch, case.out_slices, backend=backend)
+    check(y, case, slots)
 
 
 def test_shrink_zero_on_base_rows():
@@ -85,14 +123,14 @@ def test_bad_inputs_raise_value_error():
     with pytest.raises(ValueError, match="scaling"):
         add_lora(case.y, case.x, case.lora_a, case.lora_b, case.scaling.double(), batch, case.out_slices)
     with pytest.raises(ValueError, match="backend"):
-        kernels.set_backend("cuda-magic")
+        make_backend("cpu", "cuda-magic")
+    with pytest.raises(ValueError, match="implementation"):
+        CPUBackend("dense")  # a benchmark-only formulation is not an engine backend
 
 
-def test_use_backend_restores_previous():
-    before = kernels.get_backend()
-    with use_backend("reference"):
-        assert kernels.get_backend() == "reference"
-    assert kernels.get_backend() == before
+def test_make_backend_picks_by_device():
+    assert make_backend("cpu").name == "cpu" and make_backend("cpu", "torch").name == "cpu"
+    assert make_backend("cuda").name == "triton" and make_backend("cpu", "reference").name == "reference"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -102,22 +140,24 @@ def test_both_fused_paths_match_reference(slots, fused, dtype):
     """The two row-table paths the auto pick chooses between (by dtype and rows per segment)."""
     case = make_case(slots, dtype=dtype, layout="table", seed=len(slots))
     y = case.y.clone()
-    a_tab, b_tabs = cpu._row_tables(case.lora_a, case.lora_b)
-    plan = cpu.plan_for(LoRABatch.build(slots))
+    a_tab, b_tabs = a_table(case.lora_a), [b_table(b) for b in case.lora_b]
+    plan = CPUBackend().prepare(LoRABatch.build(slots))
     getattr(cpu, fused)(y, case.x, a_tab, b_tabs, case.scaling, plan, case.out_slices, case.lora_a[0].shape[1])
     check(y, case, slots)
 
 
 def test_auto_fused_pick_depends_on_dtype(monkeypatch):
     """20 rows per segment: fused GEMMs in fp32 (threshold 16), embedding_bag in bf16 (48)."""
+    from kernels import cpu_ext
+
     calls = []
-    monkeypatch.setattr(cpu, "_kernel", lambda *a: False)  # as on a machine without the C++ build
+    monkeypatch.setattr(cpu_ext, "load", lambda: None)  # as on a machine without the C++ build
     monkeypatch.setattr(cpu, "_segments_fused", lambda *a: calls.append("segments"))
     monkeypatch.setattr(cpu, "_embbag_fused", lambda *a: calls.append("embbag"))
     slots = [1] * 20 + [4] * 20
     for dtype in (torch.float32, torch.bfloat16):
         case = make_case(slots, dtype=dtype, layout="table")
-        cpu.add_lora(case.y, case.x, case.lora_a, case.lora_b, case.scaling, LoRABatch.build(slots), case.out_slices)
+        _cpu_add(case.y, case, slots)
     assert calls == ["segments", "embbag"]
 
 
@@ -134,8 +174,13 @@ def test_scaling_as_a_view_of_a_larger_table():
     batch = LoRABatch.build(slots)
     y = case.y.clone()
     other = make_case(slots, layout="table", seed=8)  # a second projection reads other rows first
-    cpu.add_lora(other.y.clone(), other.x, other.lora_a, other.lora_b, table[0, :n], batch, other.out_slices)
-    cpu.add_lora(y, case.x, case.lora_a, case.lora_b, view, batch, case.out_slices)
+    backend = CPUBackend("auto")
+    with pytest.MonkeyPatch.context() as mp:  # the torch path's per-step scaling gather, not the kernel
+        mp.setattr(cpu, "KERNEL_MAX_SEG_ROWS", 0)
+        plan = backend.prepare(batch)  # one plan for the step, shared by both projections
+    assert not plan.use_kernel
+    backend.bind(other.lora_a, other.lora_b, table[0, :n], other.out_slices)(other.y.clone(), other.x, plan)
+    backend.bind(case.lora_a, case.lora_b, view, case.out_slices)(y, case.x, plan)
     check(y, case, slots)
 
 
@@ -143,14 +188,23 @@ def test_fused_kernel_is_built_and_used_by_auto(monkeypatch):
     """The C++ kernel builds on this machine (CI has g++ and ninja) and `auto` routes decode to it."""
     from kernels import cpu_ext
 
-    assert cpu_ext.load() is not None, cpu_ext.status()
+    ext = cpu_ext.load()
+    assert ext is not None, cpu_ext.status()
     calls = []
-    real = cpu._kernel
-    monkeypatch.setattr(cpu, "_kernel", lambda *a: calls.append(1) or real(*a))
+
+    class Spy:  # the extension module, counting bgmv calls
+        def bgmv(self, *a):
+            calls.append(1)
+            return ext.bgmv(*a)
+
     slots = [0, 3, 3, -1, 5, 1]
     case = make_case(slots, dtype=torch.bfloat16, layout="table", seed=3)
+    backend = CPUBackend()
+    bound = backend.bind(case.lora_a, case.lora_b, case.scaling, case.out_slices)
+    assert bound.kernel_args is not None
+    bound.ext = Spy()
     y = case.y.clone()
-    cpu.add_lora(y, case.x, case.lora_a, case.lora_b, case.scaling, LoRABatch.build(slots), case.out_slices)
+    bound(y, case.x, backend.prepare(LoRABatch.build(slots)))
     assert calls == [1]
     check(y, case, slots)
 
@@ -166,8 +220,7 @@ def test_fused_kernel_large_shapes_and_tails(dtype):
         torch.set_num_threads(threads)
         try:
             y = case.y.clone()
-            cpu.add_lora(y, case.x, case.lora_a, case.lora_b, case.scaling, LoRABatch.build(slots), case.out_slices,
-                         "kernel")
+            _cpu_add(y, case, slots, "kernel")
         finally:
             torch.set_num_threads(old)
         check(y, case, slots)
@@ -182,12 +235,11 @@ def test_fused_kernel_disabled_falls_back(monkeypatch):
     slots = [1, 1, 4, -1]
     case = make_case(slots, layout="table", seed=5)
     y = case.y.clone()
-    cpu.add_lora(y, case.x, case.lora_a, case.lora_b, case.scaling, LoRABatch.build(slots), case.out_slices)
+    _cpu_add(y, case, slots)
     check(y, case, slots)
     assert cpu_ext.status() == "disabled"
     with pytest.raises(ValueError, match="fused CPU kernel"):
-        cpu.add_lora(case.y.clone(), case.x, case.lora_a, case.lora_b, case.scaling, LoRABatch.build(slots),
-                     case.out_slices, "kernel")
+        _cpu_add(case.y.clone(), case, slots, "kernel")
 
 
 def test_stale_build_lock_is_removed(tmp_path):
@@ -215,12 +267,13 @@ def test_fused_kernel_rows_of_one_adapter_equal_rows_alone(dtype):
     case = make_case(slots, in_features=203, out_sizes=(131, 37, 37), r_max=16, num_slots=8, dtype=dtype,
                      layout="table", seed=12)
     y = case.y.clone()
-    cpu.add_lora(y, case.x, case.lora_a, case.lora_b, case.scaling, LoRABatch.build(slots), case.out_slices, "kernel")
+    backend = CPUBackend("kernel")
+    bound = backend.bind(case.lora_a, case.lora_b, case.scaling, case.out_slices)
+    bound(y, case.x, backend.prepare(LoRABatch.build(slots)))
     check(y, case, slots)
     for t, s in enumerate(slots):
         alone = case.y[t : t + 1].clone()
-        cpu.add_lora(alone, case.x[t : t + 1], case.lora_a, case.lora_b, case.scaling, LoRABatch.build([s]),
-                     case.out_slices, "kernel")
+        bound(alone, case.x[t : t + 1], backend.prepare(LoRABatch.build([s])))
         assert torch.equal(alone[0], y[t]), f"row {t} differs from the same row alone"
 
 
@@ -228,7 +281,7 @@ def test_fused_kernel_refuses_a_slot_beyond_the_pool():
     from kernels import cpu_ext
 
     case = make_case([0, 1], dtype=torch.float32, layout="table", seed=13)
-    a_tab, b_tabs = cpu._row_tables(case.lora_a, case.lora_b)
+    a_tab, b_tabs = a_table(case.lora_a), [b_table(b) for b in case.lora_b]
     bad = torch.tensor([0, case.scaling.shape[1]])
     with pytest.raises(RuntimeError, match="outside the"):
         cpu_ext.load().bgmv(case.y.clone(), case.x, a_tab, b_tabs, [off for off, _ in case.out_slices],
@@ -236,21 +289,20 @@ def test_fused_kernel_refuses_a_slot_beyond_the_pool():
 
 
 @pytest.mark.parametrize("layout", ["plain", "table"])
-def test_bound_lora_matches_add_lora(layout):
-    """kernels.BoundLoRA (what LoRA layers call): the same result as add_lora on every call, the
-    kernel fast path after the first call (table layout), and add_lora's errors for a bad batch."""
-    calls = []
+def test_bound_projection_matches_add_lora(layout):
+    """A bound CPU projection (what LoRA layers call, one plan per step): the reference's result on
+    every step, the kernel bound exactly for the row-table layout, and a clear error for a bad batch."""
+    backend = CPUBackend()
     bound = None
     for slots in ([0, 3, 3, -1, 5, 1], [2, 2, 2, 2, -1], [-1, -1]):
         case = make_case(slots, dtype=torch.float32, layout=layout, seed=14)
         if bound is None:
-            bound = kernels.BoundLoRA(case.lora_a, case.lora_b, case.scaling, case.out_slices)
+            bound = backend.bind(case.lora_a, case.lora_b, case.scaling, case.out_slices)
         else:  # same buffers every step, as a LoRA layer's views of the slot pool
             case.lora_a, case.lora_b, case.scaling = bound.lora_a, bound.lora_b, bound.scaling
         y = case.y.clone()
-        bound(y, case.x, LoRABatch.build(slots))
-        calls.append(bound._kernel is not None)
+        bound(y, case.x, backend.prepare(LoRABatch.build(slots)))
         check(y, case, slots)
-    assert calls == [layout == "table"] * 3
+    assert (bound.kernel_args is not None) == (layout == "table")
     with pytest.raises(ValueError, match="rows"):
-        bound(case.y.clone(), case.x, LoRABatch.build([0]))
+        bound(case.y.clone(), case.x, backend.prepare(LoRABatch.build([0])))

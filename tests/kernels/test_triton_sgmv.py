@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import LoRABatch, add_lora, lora_expand, lora_shrink, reference, use_backend
+from kernels import LoRABatch, add_lora, lora_expand, lora_shrink, reference
 
 from .cases import PATTERNS, TOL, batch_with_empty_segment, check, make_case
 
@@ -19,15 +19,14 @@ pytest.importorskip("triton")
 @pytest.fixture
 def interpret(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    with use_backend("triton"):
-        yield
+    return "triton"
 
 
-def _run(slots, batch=None, **kw):
+def _run(slots, batch=None, backend="triton", **kw):
     case = make_case(slots, **kw)
     y = case.y.clone()
     add_lora(y, case.x, case.lora_a, case.lora_b, case.scaling, batch or LoRABatch.build(slots, kw.get("device", "cpu")),
-             case.out_slices)
+             case.out_slices, backend=backend)
     check(y, case, slots)
 
 
@@ -52,10 +51,10 @@ def test_interpreter_public_shrink_expand(interpret):
     slots = [3, 3, -1, 0]
     case = make_case(slots)
     batch = LoRABatch.build(slots)
-    v = lora_shrink(case.x, case.lora_a, batch)
+    v = lora_shrink(case.x, case.lora_a, batch, backend="triton")
     torch.testing.assert_close(v, reference.shrink_rows(case.x, case.lora_a, batch.token_slots), atol=1e-5, rtol=1e-5)
     y = case.y.clone()
-    lora_expand(y, v, case.lora_b, case.scaling, batch, case.out_slices)
+    lora_expand(y, v, case.lora_b, case.scaling, batch, case.out_slices, backend="triton")
     check(y, case, slots)
 
 
@@ -69,9 +68,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_cuda_patterns(name, dtype):
     # Tolerances: kernels.TOL (fp16 4e-3, bf16 3e-2 relative; atol 4x that on O(1) values).
     assert dtype in TOL
-    with use_backend("auto"):
-        _run(PATTERNS[name], dtype=dtype, layout="table", device="cuda")
-        _run(PATTERNS[name], dtype=dtype, layout="plain", device="cuda")
+    _run(PATTERNS[name], dtype=dtype, layout="table", device="cuda", backend="auto")
+    _run(PATTERNS[name], dtype=dtype, layout="plain", device="cuda", backend="auto")
 
 
 @pytest.mark.gpu
@@ -80,9 +78,8 @@ def test_cuda_patterns(name, dtype):
 def test_cuda_llama_shapes(dtype):
     # 7B-shaped qkv slices, rank 16 in 32 slots, 64 decode rows + a 100-row prefill segment.
     slots = [s % 32 for s in range(64)] + [7] * 100 + [-1] * 5
-    with use_backend("auto"):
-        _run(slots, in_features=4096, out_sizes=(4096, 1024, 1024), r_max=16, num_slots=32, dtype=dtype,
-             layout="plain", device="cuda")
+    _run(slots, in_features=4096, out_sizes=(4096, 1024, 1024), r_max=16, num_slots=32, dtype=dtype,
+         layout="plain", device="cuda", backend="auto")
 
 
 @pytest.mark.gpu

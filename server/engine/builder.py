@@ -1,0 +1,174 @@
+"""Wiring: model + adapters + slot pool + scheduler + runner -> `LLMEngine` / `AsyncEngine`.
+
+`build_llm_engine(loaded, manager, scheduler=, cache=, lora=)` is what tests and the in-process
+benchmark use (one config object per concern, server/engine/config.py); `build_async_engine(settings)`
+is what `loramux serve` uses (`engine_configs(settings)` maps the flags onto those objects).
+The KV pool is allocated once here: `kv_cache_tokens` tokens, or on CUDA a fraction
+(`CacheConfig.memory_fraction`) of free device memory when not given. The LoRA backend (one per
+device kind, kernels/backend.py; env LORAMUX_LORA_BACKEND forces one) and, on the CPU, the fused
+layer ops and the all-layers decode executor are chosen here, once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from adapters.manager import AdapterManager
+from adapters.slots import SlotPool
+from adapters.spec import BaseModelSpec
+from adapters.validate import ValidationLimits
+from kernels import cpu_ext, make_backend
+from server.engine.async_engine import AsyncEngine
+from server.engine.config import CacheConfig, LoRASettings, SchedulerConfig, check_compatible
+from server.engine.cpu_decode_loop import CPUDecodeLoop
+from server.engine.engine_thread import EngineThread
+from server.engine.llm_engine import LLMEngine
+from server.engine.runner import ModelRunner, kv_bytes_per_block
+from server.engine.scheduler import Scheduler
+from server.model.cpu_linear import PackedLinear, prepack_linears
+from server.model.cpu_ops import cpu_ops_enabled, enable_cpu_ops
+from server.model.loader import LoadedModel, load_model
+from server.model.lora import attach_lora
+from server.settings import ServerSettings
+
+log = logging.getLogger("loramux.engine")
+
+DEFAULT_CPU_KV_TOKENS = 65536
+
+
+def base_spec(loaded: LoadedModel) -> BaseModelSpec:
+    cfg = loaded.config
+    return BaseModelSpec(cfg.num_hidden_layers, cfg.projection_dims(), cfg.architecture)
+
+
+def model_info(loaded: LoadedModel, max_lora_rank: int) -> dict:
+    cfg = loaded.config
+    return {
+        "architecture": cfg.architecture,
+        "num_layers": cfg.num_hidden_layers,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "projections": {m: list(d) for m, d in cfg.projection_dims().items()},
+        "max_lora_rank": max_lora_rank,
+        "dtype": str(loaded.dtype).replace("torch.", ""),
+        "device": str(loaded.device),
+    }
+
+
+def cpu_fast_paths(engine: LLMEngine) -> dict:
+    """What the CPU fast paths are doing, for operators (`GET /v1/models`): empty on other devices."""
+    if engine.runner.device.type != "cpu":
+        return {}
+    packed = [m for m in engine.runner.model.modules() if isinstance(m, PackedLinear)]
+    return {"cpu_prepacked_linears": len(packed), "cpu_own_gemm_linears": sum(m.kind != "onednn" for m in packed),
+            "cpu_lora_kernel": cpu_ext.status(), "cpu_fused_layer_ops": cpu_ops_enabled(engine.runner.model),
+            "cpu_decode_loop": engine.runner.decode_executor is not None}
+
+
+def build_llm_engine(
+    loaded: LoadedModel,
+    manager: AdapterManager | None = None,
+    *,
+    scheduler: SchedulerConfig | None = None,
+    cache: CacheConfig | None = None,
+    lora: LoRASettings | None = None,
+    kv_cache_tokens: int | None = None,
+    lora_backend: str = "auto",
+) -> LLMEngine:
+    """An engine over `loaded`; LoRA is enabled when `manager` is given. Each concern's settings come
+    as its own config object (defaults: the dataclasses' own); `kv_cache_tokens` sizes the KV pool
+    (None: DEFAULT_CPU_KV_TOKENS on the CPU, a share of free memory on CUDA). Order matters and is
+    fixed here: C++ ops loaded -> linears packed -> LoRA attached -> fused ops substituted -> the
+    decode executor built from the finished model."""
+    model, cfg = loaded.model, loaded.config
+    scheduler, lora = scheduler or SchedulerConfig(), lora or LoRASettings()
+    cache = cache or CacheConfig()
+    num_blocks = cache.num_blocks or _num_blocks(loaded, kv_cache_tokens, cache)
+    cache = cache.resolved(num_blocks)
+    model_len = min(cfg.max_position_embeddings, cache.max_tokens(), scheduler.max_model_len or cache.max_tokens())
+    # The per-step adapter cap is the device slot count (LoRASettings.max_slots is its one source).
+    scheduler = dataclasses.replace(scheduler, max_model_len=model_len, max_adapters_per_batch=lora.max_slots,
+                                    max_num_batched_tokens=max(scheduler.max_num_batched_tokens, scheduler.max_num_seqs))
+    on_cpu = loaded.device.type == "cpu"
+    if on_cpu:  # build (or load the cached) C++ ops first: the packed layouts and the fused ops use them
+        cpu_ext.load()
+    packed = prepack_linears(model, batch_hint=scheduler.max_num_seqs)  # CPU only; a no-op elsewhere
+    if packed:
+        log.info("pre-packed %d linear weights", packed)
+    pool = backend = None
+    if manager is not None:
+        lora = dataclasses.replace(lora, host_cache_size=max(lora.host_cache_size, lora.max_slots))
+        check_compatible(scheduler, lora)
+        pool = SlotPool(manager.spec, lora.max_slots, lora.max_lora_rank, loaded.dtype, loaded.device,
+                        lora.host_cache_size, fetch=manager.registry.weights)
+        manager.registry.add_retire_listener(lambda ref: pool.evict(ref.id))
+        backend = make_backend(loaded.device, os.environ.get("LORAMUX_LORA_BACKEND", lora_backend))
+        attach_lora(model, pool, backend)
+    runner = ModelRunner(model, num_blocks, cache.block_size, pool, loaded.tokenizer.eos_token_ids, backend)
+    if on_cpu and enable_cpu_ops(model):  # after LoRA: the executor binds the finished layers
+        runner.decode_executor = CPUDecodeLoop(model)
+        runner.decode_executor.build()
+    if on_cpu:
+        log.info("fused CPU ops (LoRA kernel, decoder-layer ops): %s", cpu_ext.status())
+    return LLMEngine(Scheduler(scheduler, cache), runner, loaded.tokenizer)
+
+
+def _num_blocks(loaded: LoadedModel, kv_cache_tokens: int | None, cache: CacheConfig) -> int:
+    block_size = cache.block_size
+    if kv_cache_tokens is not None:
+        return max(1, -(-kv_cache_tokens // block_size))
+    if loaded.device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(loaded.device)
+        per_block = kv_bytes_per_block(loaded.model, block_size, loaded.dtype)
+        return max(1, int(free * cache.memory_fraction) // per_block)
+    return DEFAULT_CPU_KV_TOKENS // block_size
+
+
+def engine_configs(settings: ServerSettings) -> tuple[SchedulerConfig, CacheConfig, LoRASettings]:
+    """The engine's config objects from the server's flags (every other value: the configs' defaults)."""
+    sched = SchedulerConfig(max_num_seqs=settings.max_batch_size, max_waiting=settings.max_waiting)
+    lora = LoRASettings(max_slots=settings.max_adapters_per_batch, max_lora_rank=settings.max_lora_rank)
+    return sched, CacheConfig(), lora
+
+
+def build_async_engine(settings: ServerSettings) -> AsyncEngine:
+    """Load and wire everything on a fresh engine thread, which then runs the step loop."""
+    worker = EngineThread()
+    try:
+        return worker.call(lambda: _build_async_engine(settings, worker))
+    except BaseException:
+        worker.stop()
+        raise
+
+
+def _build_async_engine(settings: ServerSettings, worker: EngineThread) -> AsyncEngine:
+    loaded = load_model(settings.model, settings.dtype, settings.device)
+    spec = base_spec(loaded)
+    adapter_dir = settings.adapter_dir or str(Path(tempfile.gettempdir()) / "loramux-adapters")
+    Path(adapter_dir).mkdir(parents=True, exist_ok=True)
+    manager = AdapterManager(adapter_dir, spec, ValidationLimits(max_rank=settings.max_lora_rank))
+    for name, err in manager.load_all():
+        log.warning("skipping adapter %r: %s", name, err)
+    sched, cache, lora = engine_configs(settings)
+    engine = build_llm_engine(loaded, manager, scheduler=sched, cache=cache, lora=lora,
+                              kv_cache_tokens=settings.kv_cache_tokens)
+    return AsyncEngine(
+        engine,
+        manager,
+        model_name=loaded.name,
+        info={**model_info(loaded, settings.max_lora_rank), **cpu_fast_paths(engine)},
+        max_model_len=engine.scheduler.cfg.max_model_len,
+        max_waiting=settings.max_waiting,
+        step_stall_s=settings.step_stall_s,
+        worker=worker,
+    )

@@ -1,0 +1,309 @@
+"""Continuous-batching scheduler: which requests run this step, on how many tokens, and the
+bookkeeping after the step. It plans; it never touches tensors, the model or the device.
+
+Data flow, once per engine step (schedule -> execute -> update):
+- `add_request` queues a `Request` (FCFS) after failing fast what can never be served.
+- `schedule()` lets each request's computed tokens catch up with its known tokens under a token
+  budget: running requests first, oldest first (decodes never stall behind a long prompt), then
+  waiting ones (FCFS, skipping a request whose adapter finds no slot). A long prompt is simply
+  split over steps (chunked prefill). KV blocks grow here; when they run out the newest running
+  request is preempted (recompute: KV freed, requeued at the front, generated tokens kept).
+  `num_computed_tokens` advances here, as in vLLM.
+- The runner executes the `SchedulerOutput` and samples one token per `do_sample` row.
+- `update_from_output()` appends them, applies token-level stop rules, frees finished requests
+  and returns one `RequestOutput` per request that got a token or finished.
+
+Adapter cap: the distinct adapters (`adapter_key`, None = base, which is free) among RUNNING
+requests never exceed `max_adapters_per_batch`, so every step's batch fits the device slots.
+Anti-starvation: a waiting request skipped `starvation_steps` times for want of a slot stops
+the admission of everything queued behind it until it gets in; running requests drain in
+bounded time (max_tokens), so its wait is bounded.
+
+Errors: `add_request` raises `ValueError` for a request that can never fit (prompt +
+max_tokens > max_model_len, or more KV blocks than the whole pool) and `QueueFullError` when
+`max_waiting` requests already wait (HTTP 503). A token-level stop (EOS or stop_token_ids) keeps
+the stop token as the last id of `new_token_ids` (as vLLM does); detokenizers drop it when
+`finish_reason == "stop"`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from server.engine.block_manager import BlockManager
+from server.engine.config import CacheConfig, SchedulerConfig
+from server.engine.outputs import RequestOutput, TokenLogprob
+from server.engine.request import Request, RequestStatus
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue holds `max_waiting` requests already (map to HTTP 503)."""
+
+
+@dataclass(slots=True)
+class ScheduledRequest:
+    """One request's share of a step: tokens [start, start + num_new_tokens) of all_token_ids."""
+
+    request: Request
+    num_new_tokens: int
+    start: int  # num_computed_tokens before this step (position of the first new token)
+    block_ids: tuple[int, ...]  # KV block table snapshot covering start + num_new_tokens tokens
+    do_sample: bool  # the chunk reaches the last known token: sample the next one
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.request.all_token_ids[self.start : self.start + self.num_new_tokens]
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """The plan of one step, in batch order (running requests first, then newly admitted)."""
+
+    scheduled: list[ScheduledRequest]
+    num_batched_tokens: int
+    preempted_ids: list[str]  # preempted during this schedule() call (their KV is gone)
+    finished_ids: list[str]  # finished or aborted since the previous schedule() call
+    adapter_keys: frozenset[int]  # distinct adapters in this step (base excluded)
+    step: int
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, sched_cfg: SchedulerConfig, cache_cfg: CacheConfig) -> None:
+        if cache_cfg.num_blocks is None:
+            raise ValueError("num_blocks: resolve the cache config (cache_cfg.resolved(n)) first")
+        if sched_cfg.max_model_len is None:  # no limit given: what the whole KV pool holds
+            sched_cfg = dataclasses.replace(sched_cfg, max_model_len=cache_cfg.max_tokens())
+        self.cfg = sched_cfg
+        self.block_manager = BlockManager(cache_cfg.num_blocks, cache_cfg.block_size)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # admission order: the newest is last
+        self.requests: dict[str, Request] = {}  # every unfinished request by id
+        self.num_preemptions = 0  # total since start (a metric)
+        self.step = 0
+        self._finished_ids: list[str] = []  # for the next SchedulerOutput
+        self._pending_outputs: list[RequestOutput] = []  # aborts, for the next update
+
+    # --- queries ------------------------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests) or bool(self._pending_outputs)
+
+    def get_request(self, request_id: str) -> Request | None:
+        return self.requests.get(request_id)
+
+    # --- entering and leaving ------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        """Queue a new request, or fail at once if it can never be served."""
+        rid = request.request_id
+        if rid in self.requests:
+            raise ValueError(f"request_id: {rid!r} is already in flight")
+        if request.status != RequestStatus.WAITING or request.output_token_ids:
+            raise ValueError(f"request {rid!r}: must be new (status WAITING, no output yet)")
+        if not request.prompt_token_ids:
+            raise ValueError("prompt: must contain at least one token")
+        if request.max_total_tokens > self.cfg.max_model_len:
+            raise ValueError(
+                f"prompt ({request.num_prompt_tokens} tokens) + max_tokens "
+                f"({request.sampling_params.max_tokens}) exceeds max_model_len ({self.cfg.max_model_len})"
+            )
+        # The last sampled token is never fed back, so the KV holds at most max_total - 1 tokens.
+        bm = self.block_manager
+        need = bm.blocks_for_tokens(request.max_total_tokens - 1)
+        if need > bm.num_blocks:
+            raise ValueError(f"request {rid!r} needs {need} KV blocks, the whole pool has {bm.num_blocks}")
+        if len(self.waiting) >= self.cfg.max_waiting:
+            raise QueueFullError(f"{len(self.waiting)} requests waiting (max_waiting)")
+        self.requests[rid] = request
+        self.waiting.append(request)
+
+    def abort(self, request_ids: str | Iterable[str]) -> None:
+        """Abort requests (unknown or finished ids are ignored); each yields an "abort" output
+        at the next `update_from_output`."""
+        for req in self._lookup(request_ids):
+            self._finish(req, RequestStatus.FINISHED_ABORTED)
+            self._pending_outputs.append(
+                RequestOutput(req.request_id, [], None, finished=True, finish_reason="abort")
+            )
+
+    def finish_requests(
+        self, request_ids: str | Iterable[str], status: RequestStatus, error: str | None = None
+    ) -> None:
+        """Finish requests the engine decided are done (stop strings, errors). The engine already
+        knows, so no output is queued for them."""
+        if not status.is_finished:
+            raise ValueError(f"status: {status.name} is not a finished status")
+        for req in self._lookup(request_ids):
+            req.error = error
+            self._finish(req, status)
+
+    def requeue(self, request_ids: str | Iterable[str]) -> None:
+        """Undo the current step for these running requests (the engine could not run it): they
+        are preempted, i.e. recomputed later, since their KV for this step was never written."""
+        for req in self._lookup(request_ids):
+            if req.status == RequestStatus.RUNNING:
+                self.running.remove(req)
+                self._preempt(req)
+
+    # --- one step ------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        self.step += 1
+        bm = self.block_manager
+        budget = self.cfg.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[str] = []
+
+        # 1. Running requests, oldest first. When KV runs out, the newest running one yields.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if n == 0:  # still waiting for the token of an un-updated step
+                i += 1
+                continue
+            while not bm.can_allocate_for(req, n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is req:
+                    break
+            if req.status != RequestStatus.RUNNING:
+                break  # req preempted itself: it was the newest, nothing runs after it
+            budget -= self._schedule_chunk(req, n, scheduled)
+            i += 1
+
+        # 2. Waiting requests, FCFS with skipping; none when memory is short (we just preempted).
+        if not preempted:
+            budget = self._admit(budget, scheduled)
+
+        finished, self._finished_ids = self._finished_ids, []
+        keys = frozenset(s.request.adapter_key for s in scheduled if s.request.adapter_key is not None)
+        assert len(keys) <= self.cfg.max_adapters_per_batch
+        return SchedulerOutput(
+            scheduled=scheduled,
+            num_batched_tokens=self.cfg.max_num_batched_tokens - budget,
+            preempted_ids=preempted,
+            finished_ids=finished,
+            adapter_keys=keys,
+            step=self.step,
+        )
+
+    def update_from_output(
+        self,
+        sched_out: SchedulerOutput,
+        sampled: Mapping[str, int],
+        logprobs: Mapping[str, TokenLogprob] | None = None,
+    ) -> list[RequestOutput]:
+        """Append each sampling row's token, finish what must stop, return the step's outputs."""
+        outputs, self._pending_outputs = self._pending_outputs, []
+        for sr in sched_out.scheduled:
+            req = sr.request
+            # Aborted between schedule() and now: its blocks are already freed, skip it.
+            if not sr.do_sample or req.is_finished:
+                continue
+            if req.request_id not in sampled:
+                raise ValueError(f"sampled: no token for request {req.request_id!r}")
+            token = int(sampled[req.request_id])
+            req.append_token(token)
+            stop = self._stop_status(req, token)
+            if stop is not None:
+                self._finish(req, stop)
+            lp = logprobs.get(req.request_id) if logprobs is not None else None
+            reason = stop.finish_reason if stop is not None else None
+            outputs.append(RequestOutput(req.request_id, [token], None if lp is None else [lp], reason is not None, reason))
+        return outputs
+
+    # --- helpers -------------------------------------------------------------------------------
+    def _schedule_chunk(self, req: Request, n: int, scheduled: list[ScheduledRequest]) -> int:
+        """Grow the KV table, record the chunk and advance num_computed_tokens; returns n."""
+        self.block_manager.allocate_for(req, n)
+        start = req.num_computed_tokens
+        req.num_computed_tokens += n
+        do_sample = req.num_computed_tokens == req.num_tokens
+        scheduled.append(ScheduledRequest(req, n, start, tuple(req.block_ids), do_sample))
+        return n
+
+    def _admit(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
+        cfg, bm = self.cfg, self.block_manager
+        adapters = {r.adapter_key for r in self.running if r.adapter_key is not None}
+        kept: deque[Request] = deque()
+        blocked = False  # once set, everything behind stays queued (FCFS)
+        for req in self.waiting:
+            if blocked or budget == 0 or len(self.running) >= cfg.max_num_seqs:
+                blocked = True
+                kept.append(req)
+                continue
+            key = req.adapter_key
+            if key is not None and key not in adapters and len(adapters) >= cfg.max_adapters_per_batch:
+                # No slot for this adapter: skip it and keep scanning (vLLM #15422), unless it has
+                # been skipped too often, in which case nobody behind it may overtake it.
+                req.num_skipped_steps += 1
+                blocked = req.num_skipped_steps >= cfg.starvation_steps
+                kept.append(req)
+                continue
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not bm.can_allocate_for(req, n):
+                blocked = True
+                kept.append(req)
+                continue
+            req.status = RequestStatus.RUNNING
+            req.num_skipped_steps = 0
+            self.running.append(req)
+            if key is not None:
+                adapters.add(key)
+            budget -= self._schedule_chunk(req, n, scheduled)
+        self.waiting = kept
+        return budget
+
+    def _preempt(self, req: Request) -> None:
+        """Recompute-style preemption: free the KV, keep the tokens, requeue at the front."""
+        self.block_manager.free(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _stop_status(self, req: Request, token: int) -> RequestStatus | None:
+        sp = req.sampling_params
+        # The sampler bans EOS / stop ids while the output is shorter than min_tokens, so a stop
+        # token only counts once it was sampled past that point (index >= min_tokens).
+        if req.num_output_tokens > sp.min_tokens and (
+            token in sp.stop_token_ids or (not sp.ignore_eos and token in req.eos_token_ids)
+        ):
+            return RequestStatus.FINISHED_STOPPED
+        if req.num_output_tokens >= sp.max_tokens or req.num_tokens >= self.cfg.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _lookup(self, request_ids: str | Iterable[str]) -> list[Request]:
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        return [self.requests[i] for i in ids if i in self.requests]
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        """Remove a live request from the queues, free its KV once, record it as finished."""
+        assert not req.is_finished, f"{req.request_id} finished twice"
+        if req.status == RequestStatus.RUNNING:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        self.block_manager.free(req)
+        req.status = status
+        del self.requests[req.request_id]
+        self._finished_ids.append(req.request_id)
