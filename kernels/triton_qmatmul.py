@@ -12,7 +12,8 @@ accumulator. K is a multiple of the format's block (32; 64 for nf4); ragged M an
           from the double quantization (dynamic map, per-256 scale, offset)
 
 The @triton.jit decoration is lazy (`_kernel()`), keyed on TRITON_INTERPRET at first use, as in
-kernels/triton_sgmv.py. Loop bounds are plain int arguments (the triton 3.6 interpreter needs that).
+kernels/triton_sgmv.py. The K loop's bound is a constexpr (one compile per in_features: a model has
+a few); the triton 3.6 interpreter rejects a plain int argument there.
 """
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ FMT_IDS = {"q8_0": 0, "q4_0": 1, "q4_1": 2, "nf4": 3}
 def _qmatmul_kernel(
     x_ptr, w_ptr, y_ptr, bias_ptr,
     code_ptr, absmax_ptr, scale_ptr, dyn_ptr, absmax_offset,  # nf4 only (others: dummies)
-    M, N, K, row_bytes,
+    M, N, row_bytes,
     stride_xm, stride_ym,
+    K: tl.constexpr,  # constexpr: the loop bound (the triton 3.6 interpreter rejects an int argument there)
     FMT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -130,9 +132,9 @@ def qmatmul(x: torch.Tensor, qweight, bias: torch.Tensor | None = None) -> torch
     _kernel()[grid](
         x2, qweight.data, y, bias if bias is not None else y,
         code, absmax, scale, dyn, float(qweight.absmax_offset),
-        M, N, K, qweight.data.shape[1],
+        M, N, qweight.data.shape[1],
         x2.stride(0), y.stride(0),
-        FMT=fmt, HAS_BIAS=bias is not None,
+        K=K, FMT=fmt, HAS_BIAS=bias is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64 if nf4 or K % 64 == 0 else 32,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         UPCAST=interpret and x.dtype == torch.bfloat16,
