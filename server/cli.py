@@ -1,6 +1,6 @@
 """The `loramux` console script: `loramux serve [flags]` (more subcommands plug in as one line each).
 
-Flow of `serve`: flags/env -> `ServerSettings` -> engine (`server.async_engine.build_engine`, or the
+Flow of `serve`: flags/env -> `ServerSettings` -> engine (`server.engine.builder.build_async_engine`, or the
 hidden `--engine-factory module:callable` test hook, env LORAMUX_ENGINE_FACTORY) -> `create_app`
 -> `server.api.serve.run` (uvicorn with draining SIGTERM). Any start-up failure (bad flag value,
 model load error, engine start error) is one line on stderr and exit status 2, never a traceback.
@@ -39,9 +39,9 @@ def _serve(ns: argparse.Namespace) -> int:
     if settings.engine_factory:
         engine = _load_factory(settings.engine_factory)(settings)
     else:
-        from server.engine.async_engine import build_engine  # heavy (torch): imported only to serve
+        from server.engine.builder import build_async_engine  # heavy (torch): imported only to serve
 
-        engine = build_engine(settings)
+        engine = build_async_engine(settings)
     from server.api.app import create_app
     from server.api.serve import run
 

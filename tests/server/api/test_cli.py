@@ -16,7 +16,7 @@ import pytest
 from server.settings import ServerSettings
 from tests.server.api.live import free_port
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _run(args, env=None, timeout=60):

@@ -86,7 +86,7 @@ def test_upload_hot_loads_into_the_running_server(tiny, tmp_path):
     from fastapi.testclient import TestClient
 
     from server.api.app import create_app
-    from server.engine.async_engine import build_engine
+    from server.engine.builder import build_async_engine as build_engine
     from server.settings import ServerSettings
 
     root, tok = tiny

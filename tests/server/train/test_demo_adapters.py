@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-DEMO = Path(__file__).resolve().parents[2] / "adapters" / "demo"
+DEMO = Path(__file__).resolve().parents[3] / "adapters" / "demo"
 PROMPT = "What is the capital of France?"  # not among the training prompts of make_demo_adapters.py
 NAMES = ("caps", "json", "pirate")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-DEMO = Path(__file__).resolve().parents[2] / "adapters" / "demo"
+DEMO = Path(__file__).resolve().parents[3] / "adapters" / "demo"
 PROMPTS = ["What is the capital of France?", "How do fish breathe?", "Name three colors.", "Why is the sea salty?"]
 NAMES = ["pirate", "json", None, "onesentence"]
 NEW_TOKENS = 24
