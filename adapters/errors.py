@@ -81,11 +81,10 @@ class AdapterExists(AdapterError):
 class AdapterBusy(AdapterError):
     http_status = 409
 
-    def __init__(self, name: str, in_flight: int, timeout_s: float):
-        super().__init__(
-            "in_use",
-            f"adapter {name!r} still has {in_flight} request(s) in flight after {timeout_s:g}s; "
-            "it stays registered",
-        )
+    def __init__(self, name: str, in_flight: int, timeout_s: float, deleting: bool = False):
+        message = (f"adapter {name!r} is being deleted; retry once the delete has finished" if deleting else
+                   f"adapter {name!r} still has {in_flight} request(s) in flight after {timeout_s:g}s; "
+                   "it stays registered")
+        super().__init__("in_use", message)
         self.name = name
         self.in_flight = in_flight

@@ -5,9 +5,10 @@ server/engine/client.py): `list` / `get` return `AdapterRef`s, `acquire` / `rele
 requests, `upload` / `delete` change the store; errors are `adapters.errors.AdapterError`.
 
 upload:   bytes -> `validate_adapter` (nothing touched on failure) -> registry.register(persist=store.write)
-unload:   registry.unregister (waits for in-flight requests) -> store.delete -> slot freed by the
-          registry's retire listener
-start-up: store.scan -> register every valid adapter; invalid ones are logged and reported.
+unload:   registry.unregister (waits for in-flight requests of that name only) -> store.delete (run
+          by the registry while the name is marked as being deleted) -> slot freed by the retire listener
+start-up: store.scan -> register every valid adapter at its stored version (versions are monotonic
+          across restarts: the store's ledger issues them); invalid ones are logged and reported.
 The slot pool's `fetch` is `manager.registry.weights`.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ class AdapterManager:
         """Register every valid stored adapter; return the invalid ones with their errors."""
         valid, invalid = self.store.scan(self.spec, self.limits)
         for loaded in valid:
-            self.registry.register(loaded)
+            self.registry.register(loaded, version=self.store.last_version(loaded.name) or None)
         return invalid
 
     def upload(
@@ -52,8 +53,7 @@ class AdapterManager:
     def delete(self, name: str, timeout_s: float = 30.0) -> None:
         """Unregister (waits up to `timeout_s` for in-flight requests, else AdapterBusy), then remove
         the files; the slot pool frees the device slot through the registry's retire listener."""
-        self.registry.unregister(name, timeout_s)
-        self.store.delete(name)
+        self.registry.unregister(name, timeout_s, remove=lambda: self.store.delete(name))
 
     # --- the request path and queries (the registry's, re-exported for the HTTP layer) ----------------
     def list(self) -> list[AdapterRef]:

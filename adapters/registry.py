@@ -8,9 +8,13 @@ requests to drain) happens outside it. Protocol (after SGLang's lora_registry):
 - `acquire(name)` looks up and counts in one atomic step; unknown -> AdapterNotFound (404).
 - `register(loaded, replace)`: a new version gets a fresh id (ids are never reused); requests
   already running keep their old ref, and its weights stay pinned until they finish.
-- `unregister(name, timeout_s)`: removes the name first (new acquires fail), then waits for the
-  in-flight count of all its versions to reach zero; on timeout the name is restored and
-  AdapterBusy (409) raised.
+- `unregister(name, timeout_s, remove=)`: removes the name first (new acquires fail), then waits for
+  the in-flight count of all its versions to reach zero, then runs `remove()` (the store delete);
+  on timeout the name is restored and AdapterBusy (409) raised. Only that name waits: the admin
+  lock is not held meanwhile (the name is marked as being deleted, so an upload of the same name
+  gets a 409 instead of racing the delete).
+- Versions: `persist()` may return the version the store issued (monotonic across restarts);
+  `register(..., version=)` takes the stored version at start-up.
 - When a version is retired (not current and no request in flight), listeners are told, so the
   slot pool frees its device slot and host copy.
 Torch-free (weights are opaque objects here), so the HTTP layer may import it and its refs.
@@ -51,6 +55,7 @@ class AdapterRegistry:
         self._live: dict[int, AdapterRef] = {}  # every version not yet retired
         self._pinned: dict[int, LoadedAdapter] = {}  # weights held in memory, by ref id
         self._listeners: list[Callable[[AdapterRef], None]] = []
+        self._deleting: set[str] = set()  # names whose unregister is waiting for requests to drain
 
     # --- queries ------------------------------------------------------------------------------
     def get(self, name: str) -> AdapterRef:
@@ -111,21 +116,27 @@ class AdapterRegistry:
 
     # --- admin path ---------------------------------------------------------------------------
     def register(
-        self, loaded: LoadedAdapter, replace: bool = False, persist: Callable[[], object] | None = None
+        self, loaded: LoadedAdapter, replace: bool = False, persist: Callable[[], object] | None = None,
+        version: int | None = None,
     ) -> AdapterRef:
         """Make `loaded` the current version of its name. `persist()` (e.g. the store write) runs
-        after the old version's weights are safe in memory and before the new ref is published."""
+        after the old version's weights are safe in memory and before the new ref is published; an
+        int it returns is the new version (else, or without it, `version` or the next in memory)."""
         with self._admin:
             with self._lock:
                 old = self._current.get(loaded.name)
+                deleting = loaded.name in self._deleting
+            if deleting:
+                raise AdapterBusy(loaded.name, 0, 0.0, deleting=True)
             if old is not None and not replace:
                 raise AdapterExists(loaded.name)
             # Keep the old weights: running requests may still need them after persist() overwrote disk.
             old_weights = self.weights(old) if old is not None else None
-            if persist is not None:
-                persist()
+            stored = persist() if persist is not None else None
             with self._lock:
-                version = self._versions.get(loaded.name, 0) + 1
+                version = stored if isinstance(stored, int) else version
+                if version is None:
+                    version = self._versions.get(loaded.name, 0) + 1
                 ref = AdapterRef(
                     name=loaded.name, id=next(self._ids), version=version, sha256=loaded.sha256,
                     ranks=tuple(loaded.ranks.items()), target_modules=loaded.target_modules,
@@ -143,14 +154,17 @@ class AdapterRegistry:
             self._notify(retired)
             return ref
 
-    def unregister(self, name: str, timeout_s: float = 30.0) -> None:
-        """Remove `name`; wait (up to timeout_s) for its in-flight requests, then retire its versions."""
-        with self._admin:
-            deadline = time.monotonic() + timeout_s
+    def unregister(self, name: str, timeout_s: float = 30.0, remove: Callable[[], object] | None = None) -> None:
+        """Remove `name`; wait (up to timeout_s) for its in-flight requests, run `remove()`, then retire
+        its versions. Other names' uploads and deletes proceed meanwhile."""
+        deadline = time.monotonic() + timeout_s
+        with self._admin, self._lock:
+            ref = self._current.pop(name, None)
+            if ref is None:
+                raise AdapterNotFound(name)
+            self._deleting.add(name)
+        try:
             with self._lock:
-                ref = self._current.pop(name, None)
-                if ref is None:
-                    raise AdapterNotFound(name)
                 versions = [r for r in self._live.values() if r.name == name]
                 while (busy := sum(self._in_flight.get(r.id, 0) for r in versions)) > 0:
                     left = deadline - time.monotonic()
@@ -158,9 +172,20 @@ class AdapterRegistry:
                         self._current[name] = ref  # keep serving it: the caller may retry later
                         raise AdapterBusy(name, busy, timeout_s)
                     self._drained.wait(left)
+            if remove is not None:
+                try:
+                    remove()
+                except BaseException:
+                    with self._lock:
+                        self._current[name] = ref  # the files are still there: keep serving them
+                    raise
+            with self._lock:
                 retired = [r for r in versions if self._maybe_retire(r) is not None]
-            for r in retired:
-                self._notify(r)
+        finally:
+            with self._lock:
+                self._deleting.discard(name)
+        for r in retired:
+            self._notify(r)
 
     # --- internals (lock held) ----------------------------------------------------------------
     def _maybe_retire(self, ref: AdapterRef) -> AdapterRef | None:

@@ -3,9 +3,14 @@
 Layout: `root/<name>/adapter_config.json`, `adapter_model.safetensors`, `loramux.json` (sha256 of
 the content and a version counter). Writes go to a hidden temp dir inside root (same filesystem),
 every file and the dir are fsynced, then one rename publishes it; a replace renames the old dir
-aside, renames the new one in, and removes the old. Names starting with '.' are never adapters, so
-a crash mid-write leaves nothing visible (leftovers are cleaned at start-up). Symlinks are never
-followed: an adapter dir or file that is a link is treated as invalid.
+aside (`.old-`), renames the new one in, and removes the old. A delete renames the dir to `.del-`
+first, then removes it. Names starting with '.' are never adapters, so a crash mid-write leaves
+nothing visible. Start-up recovery: `.tmp-` and `.del-` dirs are removed (a half-deleted adapter
+never comes back); an `.old-` dir comes back only when its name is free (a replace killed between
+its two renames). Versions: `.versions.json` records the highest version ever issued per name
+(written atomically before the adapter is published), so versions stay monotonic across restarts,
+deletes and re-uploads. Symlinks are never followed: an adapter dir or file that is a link is
+treated as invalid.
 """
 from __future__ import annotations
 
@@ -32,7 +37,8 @@ from adapters.validate import validate_adapter as _validate
 
 log = logging.getLogger(__name__)
 META_FILE = "loramux.json"
-TMP_PREFIX, OLD_PREFIX = ".tmp-", ".old-"
+TMP_PREFIX, OLD_PREFIX, DEL_PREFIX = ".tmp-", ".old-", ".del-"
+LEDGER_FILE = ".versions.json"
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -61,15 +67,37 @@ class AdapterStore:
         self._recover()
 
     def _recover(self) -> None:
-        """Drop half-written temp dirs; put back an old dir whose replacement never landed."""
-        for entry in self.root.iterdir():
+        """Drop half-written temp dirs and half-deleted dirs; put back an old dir whose replacement
+        never landed (only a replace makes `.old-` dirs; a delete makes `.del-` ones)."""
+        for entry in sorted(self.root.iterdir()):
             if entry.name.startswith(OLD_PREFIX):
                 name = entry.name[len(OLD_PREFIX):].rsplit("-", 1)[0]
                 if not (self.root / name).exists():
                     os.rename(entry, self.root / name)  # crash between the two renames of a replace
                     continue
-            if entry.name.startswith((TMP_PREFIX, OLD_PREFIX)):
+            if entry.name.startswith((TMP_PREFIX, OLD_PREFIX, DEL_PREFIX)):
                 shutil.rmtree(entry, ignore_errors=True)
+            elif entry.name.startswith(LEDGER_FILE + "."):
+                entry.unlink(missing_ok=True)  # a ledger update that never landed
+        _fsync_dir(self.root)
+
+    # --- the version ledger (lock held by writers) -------------------------------------------------
+    def _ledger(self) -> dict[str, int]:
+        path = self.root / LEDGER_FILE
+        try:
+            data = json.loads(path.read_bytes()) if path.is_file() and not path.is_symlink() else {}
+        except (ValueError, OSError):
+            data = {}
+        return {k: v for k, v in data.items() if isinstance(v, int)} if isinstance(data, dict) else {}
+
+    def _write_ledger(self, ledger: dict[str, int]) -> None:
+        tmp = self.root / f"{LEDGER_FILE}.{uuid.uuid4().hex}"
+        _write_file(tmp, json.dumps(ledger, sort_keys=True).encode())
+        os.replace(tmp, self.root / LEDGER_FILE)
+
+    def last_version(self, name: str) -> int:
+        """Highest version ever issued for `name` (0 if none): from the ledger and the stored meta."""
+        return max(self._ledger().get(name, 0), int(self.meta(name).get("version", 0) or 0))
 
     def _dir(self, name: str) -> Path:
         return self.root / check_name(name)
@@ -97,7 +125,7 @@ class AdapterStore:
             exists = self.exists(name)
             if exists and not replace:
                 raise AdapterExists(name)
-            version = self.meta(name).get("version", 0) + 1 if exists else 1
+            version = self.last_version(name) + 1
             tmp = self.root / f"{TMP_PREFIX}{name}-{uuid.uuid4().hex}"
             tmp.mkdir()
             try:
@@ -105,6 +133,8 @@ class AdapterStore:
                 _write_file(tmp / WEIGHTS_FILE, weights_bytes)
                 _write_file(tmp / META_FILE, json.dumps({"sha256": sha256, "version": version}).encode())
                 _fsync_dir(tmp)
+                # Record the version before publishing: a crash between the two only skips a number.
+                self._write_ledger({**self._ledger(), name: version})
                 if exists:
                     old = self.root / f"{OLD_PREFIX}{name}-{uuid.uuid4().hex}"
                     os.rename(final, old)
@@ -155,9 +185,10 @@ class AdapterStore:
             if path.is_symlink():
                 path.unlink()  # remove the link itself, never what it points at
                 return
-            old = self.root / f"{OLD_PREFIX}{name}-{uuid.uuid4().hex}"
-            os.rename(path, old)  # disappears from list() at once
-            shutil.rmtree(old, ignore_errors=True)
+            gone = self.root / f"{DEL_PREFIX}{name}-{uuid.uuid4().hex}"
+            os.rename(path, gone)  # disappears from list() at once; recovery never restores a `.del-`
+            _fsync_dir(self.root)
+            shutil.rmtree(gone, ignore_errors=True)
 
     def scan(self, spec: BaseModelSpec, limits: ValidationLimits | None = None):
         """Validate every stored adapter: (valid LoadedAdapters, [(name, AdapterError)]). Invalid are logged."""

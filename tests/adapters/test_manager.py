@@ -92,7 +92,7 @@ def test_refused_upload_changes_nothing(world, code):
     ref = manager.upload("good", cfg, weights)
     slot = pool.prepare([ref])[ref.id]
     assert_slot_holds(pool, slot, manager.registry.weights(ref))
-    assert sorted(os.listdir(tmp_path / "adapters")) == ["existing", "good"]
+    assert sorted(n for n in os.listdir(tmp_path / "adapters") if not n.startswith(".")) == ["existing", "good"]
 
 
 def test_upload_replace_unload_and_restart(world):
