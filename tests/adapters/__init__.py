@@ -1,0 +1,1 @@
+"""Tests of adapters/: PEFT parsing, validation, store, registry, slot pool, PEFT parity."""
