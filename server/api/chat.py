@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from server.api import generation as gen
+from server.api import guided
 from server.api.deps import EngineDep, InferenceAuth, SettingsDep, StateDep
 from server.api.errors import bad_request, from_value_error
 from server.api.openai_format import DONE, LogprobsBuilder, sse, usage
@@ -40,6 +41,7 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, e
     if req.tools:
         raise bad_request("tools: not supported", param="tools", code="unsupported")
     adapter = gen.resolve_adapter(engine, settings, req.model, req.adapter)
+    spec = guided.guide_spec(req)  # response_format / structured_outputs, checked before any work
     ids = await run_in_threadpool(_render, engine, req)
     gen.check_prompt(engine, ids, "messages")
     logprobs = None
@@ -50,8 +52,9 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, e
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if max_tokens is None:
         max_tokens = max(1, engine.max_model_len - len(ids))  # OpenAI default: up to the context
+    guide = await guided.compile_guide(engine, spec)  # thread pool, cached by schema
     params = gen.build_params(req, settings, max_tokens=max_tokens, logprobs=logprobs,
-                              logprobs_param="top_logprobs")
+                              logprobs_param="top_logprobs", vocab_size=engine.tokenizer.vocab_size, guide=guide)
     gen.check_length(engine, len(ids), params.max_tokens, "messages")
     ref = gen.acquire(engine, adapter, "adapter" if req.adapter is not None else "model")
 

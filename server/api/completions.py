@@ -7,12 +7,14 @@ ending in `data: [DONE]`. The adapter ref is released and unfinished choices abo
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from server.api import generation as gen
+from server.api import guided
 from server.api.deps import EngineDep, InferenceAuth, SettingsDep, StateDep
 from server.api.errors import bad_request
 from server.api.openai_format import DONE, LogprobsBuilder, merge_completion_logprobs, sse, usage
@@ -45,8 +47,8 @@ def _tokenize(engine: EngineClient, settings: ServerSettings, prompt: Any) -> li
 
 
 def _refuse_unsupported(req: CompletionRequest) -> None:
-    if req.echo:
-        raise bad_request("echo: not supported", param="echo", code="unsupported")
+    if req.echo and req.logprobs is not None:  # prompt logprobs are not computed
+        raise bad_request("echo: not supported together with logprobs", param="echo", code="unsupported")
     if req.best_of not in (None, 1):
         raise bad_request("best_of: only 1 is supported", param="best_of", code="unsupported")
     if req.suffix:
@@ -59,26 +61,42 @@ async def create_completion(req: CompletionRequest, request: Request, engine: En
     gen.admit(state, engine)
     _refuse_unsupported(req)
     adapter = gen.resolve_adapter(engine, settings, req.model, req.adapter)
+    spec = guided.guide_spec(req)
     chars = len(req.prompt) if isinstance(req.prompt, str) else 0
     if chars > _THREAD_TOKENIZE_CHARS:
         prompts = await run_in_threadpool(_tokenize, engine, settings, req.prompt)
     else:
         prompts = _tokenize(engine, settings, req.prompt)
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
+    guide = await guided.compile_guide(engine, spec)  # thread pool, cached by schema
     params = gen.build_params(req, settings, max_tokens=max_tokens, logprobs=req.logprobs,
-                              logprobs_param="logprobs")
+                              logprobs_param="logprobs", vocab_size=engine.tokenizer.vocab_size, guide=guide)
     for ids in prompts:
         gen.check_length(engine, len(ids), params.max_tokens, "prompt")
+    # echo: each choice's text starts with its prompt (the string as sent, or the decoded token ids)
+    echo = None
+    if req.echo:
+        raw = req.prompt
+        sent = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else list(raw)
+        echo = [p if isinstance(p, str) else engine.tokenizer.decode(p, skip_special_tokens=False) for p in sent]
     ref = gen.acquire(engine, adapter, "adapter" if req.adapter is not None else "model")
 
     return await gen.respond(request, engine, state, req, prefix="cmpl",
                              objects=("text_completion", "text_completion"), prompts=prompts, params=params,
-                             ref=ref, adapter=adapter, collect=_collect, sse=_sse)
+                             ref=ref, adapter=adapter, collect=functools.partial(_collect, echo=echo),
+                             sse=functools.partial(_sse, echo=echo))
 
 
-async def _collect(runner: gen.ChoiceRunner, head: dict, decode) -> dict:
+def _echo_prefix(runner: gen.ChoiceRunner, echo: list[str] | None, index: int) -> str:
+    if echo is None:
+        return ""
+    per_prompt = len(runner.jobs) // len(echo)  # n choices per prompt, prompt-major
+    return echo[index // per_prompt]
+
+
+async def _collect(runner: gen.ChoiceRunner, head: dict, decode, echo: list[str] | None = None) -> dict:
     n = len(runner.jobs)
-    texts = [""] * n
+    texts = [_echo_prefix(runner, echo, i) for i in range(n)]
     lp_parts: list[list[dict]] = [[] for _ in range(n)]
     builders = [LogprobsBuilder(decode) for _ in range(n)]
     reasons: list[str | None] = [None] * n
@@ -96,8 +114,11 @@ async def _collect(runner: gen.ChoiceRunner, head: dict, decode) -> dict:
     return {**head, "choices": choices, "usage": usage(runner.prompt_tokens, runner.total_completion_tokens)}
 
 
-async def _sse(runner: gen.ChoiceRunner, head: dict, decode, include_usage: bool):
+async def _sse(runner: gen.ChoiceRunner, head: dict, decode, include_usage: bool, echo: list[str] | None = None):
     builders = [LogprobsBuilder(decode) for _ in range(len(runner.jobs))]
+    for i in range(len(runner.jobs) if echo is not None else 0):  # echo: the prompt first, its own chunk
+        yield sse({**head, "choices": [{"index": i, "text": _echo_prefix(runner, echo, i), "logprobs": None,
+                                        "finish_reason": None}]})
     async for index, delta in runner.stream():
         if delta.finish_reason == "error":
             yield sse(gen.engine_error(delta.error).body())

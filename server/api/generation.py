@@ -4,7 +4,8 @@ Data flow for one HTTP request:
   `admit()` (draining / queue full -> 503)  ->  `resolve_adapter()` (model vs adapter field)
   -> `check_prompt()` / `build_params()` (every limit, a 400 naming the field; nothing is enqueued
   before all checks pass)  ->  `acquire()` the adapter ref (unknown -> 404)  ->  `ChoiceRunner`
-  fans the prompts x n choices out to `engine.generate`, merges their deltas into one ordered
+  queues the prompts x n choices in the engine all or none (`engine.submit`: no room for all -> 503
+  with Retry-After, more than --max-waiting -> 400), merges their deltas into one ordered
   stream of (choice index, delta), and on close (finished, error, or client gone) aborts every
   unfinished choice and releases the adapter ref -- in a detached task, so cleanup never depends on
   awaiting inside a cancelled scope.
@@ -25,11 +26,12 @@ from adapters.errors import AdapterError
 from adapters.ref import AdapterRef
 from server.api.errors import APIError, bad_request, from_adapter_error, from_value_error, service_unavailable
 from server.api.openai_format import ClosingStreamingResponse
-from server.api.schemas import SamplingFields, neutral_extras
+from server.api.schemas import SamplingFields
 from server.api.state import ServerState
 from server.engine.client import EngineClient
 from server.engine.outputs import CompletionDelta
 from server.engine.sampling_params import SamplingParams
+from server.engine.scheduler import QueueFullError
 from server.settings import ServerSettings
 
 _CLEANUPS: set[asyncio.Task] = set()  # strong refs to detached cleanup tasks
@@ -93,11 +95,28 @@ def check_length(engine: EngineClient, prompt_len: int, max_tokens: int, param: 
                           f"length {limit}", param="max_tokens", code="context_length_exceeded")
 
 
+def parse_logit_bias(bias: dict[str, float] | None, vocab: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} -> sorted (id, bias) pairs; ids in the vocabulary, at most 300."""
+    if not bias:
+        return ()
+    out = []
+    for key, value in bias.items():
+        try:
+            tid = int(key)
+        except ValueError:
+            raise bad_request(f"logit_bias: key {key[:20]!r} is not a token id", param="logit_bias") from None
+        if not (0 <= tid < vocab):
+            raise bad_request(f"logit_bias: token id {tid} is outside the vocabulary [0, {vocab})",
+                              param="logit_bias", code="token_out_of_vocab")
+        out.append((tid, float(value)))
+    return tuple(sorted(out))
+
+
 def build_params(req: SamplingFields, settings: ServerSettings, *, max_tokens: int,
-                 logprobs: int | None, logprobs_param: str) -> SamplingParams:
-    """Server caps first (n, logprobs, stop), then SamplingParams' own range checks -> 400 naming the field."""
-    for param, reason in neutral_extras(req):
-        raise bad_request(reason, param=param, code="unsupported")
+                 logprobs: int | None, logprobs_param: str, vocab_size: int | None = None,
+                 guide=None) -> SamplingParams:
+    """Server caps first (n, logprobs, stop), then SamplingParams' own range checks -> 400 naming the field.
+    `guide`: the compiled structured-output grammar (server/api/guided.py) or None."""
     n = 1 if req.n is None else req.n
     if not (1 <= n <= settings.max_n):
         raise bad_request(f"n: must be in [1, {settings.max_n}]", param="n")
@@ -123,6 +142,11 @@ def build_params(req: SamplingFields, settings: ServerSettings, *, max_tokens: i
             stop=tuple(stop),
             logprobs=logprobs,
             n=n,
+            presence_penalty=0.0 if req.presence_penalty is None else float(req.presence_penalty),
+            frequency_penalty=0.0 if req.frequency_penalty is None else float(req.frequency_penalty),
+            repetition_penalty=1.0 if req.repetition_penalty is None else float(req.repetition_penalty),
+            logit_bias=parse_logit_bias(req.logit_bias, vocab_size if vocab_size is not None else 2**31),
+            guide=guide,
         )
     except ValueError as exc:
         raise from_value_error(exc) from None
@@ -161,11 +185,28 @@ class ChoiceRunner:
         self.completion_tokens: dict[int, int] = {}
         self._queue: asyncio.Queue = asyncio.Queue(maxsize=len(self.jobs))  # one slot per producer
         self._tasks: list[asyncio.Task] = []
+        self._streams: list | None = None
         self._closed = False
 
-    async def _pump(self, index: int, rid: str, ids: list[int], params: SamplingParams) -> None:
+    def start(self) -> None:
+        """Queues every choice in the engine at once, all or none (an engine with `submit`): 503 with
+        Retry-After when the queue has no room for all of them, 400 when the fan-out can never fit."""
+        submit = getattr(self.engine, "submit", None)
+        if submit is None:
+            return  # engines without group submission queue each choice in its own generate()
         try:
-            async for delta in self.engine.generate(rid, ids, params, self.ref):
+            self._streams = submit([(rid, ids, params) for _, rid, ids, params in self.jobs], self.ref)
+        except QueueFullError:
+            raise service_unavailable("too many requests waiting; retry shortly", code="queue_full") from None
+        except RuntimeError:
+            raise service_unavailable("engine is not running", code="not_ready") from None
+        except ValueError as exc:
+            raise from_value_error(exc) from None
+
+    async def _pump(self, index: int, rid: str, ids: list[int], params: SamplingParams) -> None:
+        stream = self._streams[index] if self._streams is not None else self.engine.generate(rid, ids, params, self.ref)
+        try:
+            async for delta in stream:
                 await self._queue.put((index, delta))
                 if delta.finished:
                     return
@@ -238,6 +279,11 @@ async def respond(request: Request, engine: EngineClient, state: ServerState, re
     rid = new_id(prefix)
     label = adapter or "base"
     runner = ChoiceRunner(engine, rid, prompts, params, ref, label, state.metrics)
+    try:
+        runner.start()  # admitted whole or refused whole (503 / 400): nothing half-queued
+    except APIError:
+        runner._release()
+        raise
     log_fields = request.scope.setdefault("loramux.log", {})
     log_fields.update(id=rid, adapter=label, prompt_tokens=runner.prompt_tokens, stream=bool(req.stream))
     state.inflight += 1

@@ -72,19 +72,22 @@ class LLMEngine:
         adapter: AdapterRef | None = None,
     ) -> None:
         """Queue a request; raises ValueError (never fits) or QueueFullError (queue cap)."""
-        bad = [t for t in prompt_token_ids if not (0 <= t < self.runner.model.config.vocab_size)]
-        if bad:
-            raise ValueError(f"prompt: token ids outside the vocabulary: {bad[:5]}")
-        req = Request(
-            request_id,
-            prompt_token_ids,
-            params,
-            adapter=adapter,
-            eos_token_ids=self.tokenizer.eos_token_ids,
-        )
-        self.scheduler.add_request(req)
-        self.live[request_id] = _Live(req, IncrementalDetokenizer(self.tokenizer, prompt_token_ids))
-        self.counters.prompt_tokens += len(prompt_token_ids)
+        self.add_requests([(request_id, prompt_token_ids, params)], adapter)
+
+    def add_requests(self, jobs: list[tuple[str, list[int], SamplingParams]], adapter: AdapterRef | None = None) -> None:
+        """Queue (request_id, prompt ids, params) jobs all on one adapter, all or none (see
+        `Scheduler.add_requests`)."""
+        reqs = []
+        for request_id, prompt_token_ids, params in jobs:
+            bad = [t for t in prompt_token_ids if not (0 <= t < self.runner.model.config.vocab_size)]
+            if bad:
+                raise ValueError(f"prompt: token ids outside the vocabulary: {bad[:5]}")
+            reqs.append(Request(request_id, prompt_token_ids, params, adapter=adapter,
+                                eos_token_ids=self.tokenizer.eos_token_ids))
+        self.scheduler.add_requests(reqs)
+        for req in reqs:
+            self.live[req.request_id] = _Live(req, IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids))
+            self.counters.prompt_tokens += len(req.prompt_token_ids)
 
     def abort(self, request_id: str) -> None:
         self.scheduler.abort(request_id)
@@ -133,16 +136,16 @@ class LLMEngine:
             c.scheduled_sequences += len(sched_out.scheduled)
             c.batched_tokens += result.num_tokens
             outs = self.scheduler.update_from_output(sched_out, result.sampled, result.logprobs)
-            return self._process(outs)
+            return self._process(outs, result.grammar_done)
 
     # --- output processing -------------------------------------------------------------------------
-    def _process(self, outs: list[RequestOutput]) -> list[CompletionDelta]:
+    def _process(self, outs: list[RequestOutput], grammar_done: frozenset[str] = frozenset()) -> list[CompletionDelta]:
         deltas = []
         for out in outs:
             live = self.live.get(out.request_id)
             if live is None:
                 continue
-            delta = self._apply(live, out)
+            delta = self._apply(live, out, out.request_id in grammar_done)
             if delta.finished:
                 del self.live[out.request_id]
                 self.runner.forget(out.request_id)
@@ -150,7 +153,7 @@ class LLMEngine:
                 deltas.append(delta)
         return deltas
 
-    def _apply(self, live: _Live, out: RequestOutput) -> CompletionDelta:
+    def _apply(self, live: _Live, out: RequestOutput, grammar_done: bool = False) -> CompletionDelta:
         req, sp = live.request, live.request.sampling_params
         finished, reason = out.finished, out.finish_reason
         tokens = list(out.new_token_ids)
@@ -167,6 +170,9 @@ class LLMEngine:
                 live.text = live.text[:cut]
                 finished, reason = True, "stop"
                 self.scheduler.finish_requests(req.request_id, RequestStatus.FINISHED_STOPPED)
+        if grammar_done and not finished:  # structured output: the grammar is complete, so is the request
+            finished, reason = True, "stop"
+            self.scheduler.finish_requests(req.request_id, RequestStatus.FINISHED_STOPPED)
         if finished:
             end = len(live.text)
         else:

@@ -10,7 +10,10 @@ Per step (`execute(sched_out)`):
      block tables in one `ForwardContext`; run it through the decode executor when one is set and
      takes the step (the CPU all-layers loop), else through the model; take logits only at the
      last position of each sequence that samples, and sample all those rows in one batched call.
-Returns `StepResult` (token per request id, logprobs per request id). No scheduling decisions here.
+     Structured-output rows: their grammar masks are started before the model is called and joined
+     before sampling (server/engine/grammar_masks.py), so they are computed while the model runs.
+Returns `StepResult` (token per request id, logprobs per request id, requests whose grammar
+finished). No scheduling decisions here.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.batch import LoRABatch
+from server.engine.grammar_masks import GrammarMasks
 from server.engine.outputs import TokenLogprob
 from server.engine.sampler import Sampler, SamplingMetadata, make_generator
 from server.engine.scheduler import ScheduledRequest, SchedulerOutput
@@ -32,6 +36,9 @@ class StepResult:
     sampled: dict[str, int]  # request id -> sampled token (only rows with do_sample)
     logprobs: dict[str, TokenLogprob] | None
     num_tokens: int  # rows in the flattened batch
+    grammar_done: frozenset[str] = frozenset()  # structured requests whose grammar has finished
+
+_MIN_LOGPROB = -9999.0  # masked tokens' -inf logprobs are reported as this (JSON has no -inf), as vLLM
 
 
 class ModelRunner:
@@ -45,7 +52,7 @@ class ModelRunner:
         lora_backend=None,  # the kernels backend the LoRA layers were bound with (prepare() per step)
     ) -> None:
         self.model = model
-        weight = model.lm_head.weight
+        weight = model.model.norm.weight  # a float tensor in the compute dtype (linears may be quantized)
         self.device, self.dtype = weight.device, weight.dtype
         self.block_size = block_size
         self.num_blocks = num_blocks
@@ -57,10 +64,12 @@ class ModelRunner:
         self.sampler = Sampler()
         self.eos_token_ids = eos_token_ids
         self._generators: dict[str, torch.Generator] = {}  # seeded requests' own RNGs
+        self.grammar = GrammarMasks(eos_token_ids)  # structured requests' matchers and the step's masks
 
     def forget(self, request_id: str) -> None:
         """Drop per-request state (the generator) once a request has finished."""
         self._generators.pop(request_id, None)
+        self.grammar.forget(request_id)
 
     @torch.inference_mode()
     def execute(self, sched_out: SchedulerOutput) -> StepResult:
@@ -79,36 +88,45 @@ class ModelRunner:
 
         order = sorted(sched_out.scheduled, key=slot_of)  # stable: keeps running-first within a slot
         ctx, input_ids, sample_rows = self._build_inputs(order, slot_of)
-        hidden = self.decode_executor.run(input_ids, ctx) if self.decode_executor is not None else None
-        if hidden is None:
-            hidden = self.model(input_ids, ctx)  # [T, hidden]
+        reqs = [sr.request for _, sr in sample_rows]
+        pending = self.grammar.start(reqs)  # grammar masks: computed by a worker while the model runs
+        try:
+            hidden = self.decode_executor.run(input_ids, ctx) if self.decode_executor is not None else None
+            if hidden is None:
+                hidden = self.model(input_ids, ctx)  # [T, hidden]
+        finally:
+            bitmask = self.grammar.join(pending)  # [N, W] int32 or None
         if not sample_rows:
             return StepResult({}, None, int(input_ids.shape[0]))
         idx = torch.tensor([row for row, _ in sample_rows], dtype=torch.long, device=self.device)
         logits = self.model.compute_logits(hidden.index_select(0, idx))  # [N, vocab] fp32
-        reqs = [sr.request for _, sr in sample_rows]
         meta = SamplingMetadata.from_params(
             [r.sampling_params for r in reqs],
             [r.num_output_tokens for r in reqs],
             [self._generator(r) for r in reqs],
             [r.eos_token_ids or self.eos_token_ids for r in reqs],
             self.device,
+            output_token_ids=[r.output_token_ids for r in reqs],
+            prompt_token_ids=[r.prompt_token_ids for r in reqs],
+            vocab_size=int(logits.shape[1]),
+            allowed_bitmask=bitmask,
         )
         out = self.sampler(logits, meta)
         token_ids = out.token_ids.tolist()  # the step's one host sync
+        done = frozenset(self.grammar.advance(reqs, token_ids)) if pending is not None else frozenset()
         sampled = {r.request_id: t for r, t in zip(reqs, token_ids, strict=True)}
         logprobs = None
         if out.logprobs is not None:
             logprobs = {}
-            chosen = out.logprobs.tolist()
-            top_ids, top_lps = out.top_ids.tolist(), out.top_logprobs.tolist()
+            chosen = out.logprobs.clamp(min=_MIN_LOGPROB).tolist()
+            top_ids, top_lps = out.top_ids.tolist(), out.top_logprobs.clamp(min=_MIN_LOGPROB).tolist()
             for i, r in enumerate(reqs):
                 k = r.sampling_params.logprobs
                 if k is None:
                     continue
                 top = tuple(zip(top_ids[i][:k], top_lps[i][:k], strict=True))
                 logprobs[r.request_id] = TokenLogprob(token_ids[i], chosen[i], top)
-        return StepResult(sampled, logprobs, int(input_ids.shape[0]))
+        return StepResult(sampled, logprobs, int(input_ids.shape[0]), done)
 
     # --- helpers -----------------------------------------------------------------------------
     def _generator(self, req) -> torch.Generator | None:

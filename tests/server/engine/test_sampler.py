@@ -111,13 +111,15 @@ def test_per_row_eos_ids():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_logprobs_are_raw_log_softmax(device):
+def test_logprobs_are_log_softmax_of_the_processed_logits(device):
     torch.manual_seed(3)
     logits = torch.randn(3, 30, device=device)
     params = [SamplingParams(temperature=0.7, logprobs=5), SamplingParams(temperature=0.0, logprobs=2),
               SamplingParams(top_k=3, min_tokens=2, stop_token_ids=(4,))]
     out = sample(logits, params)
-    ref = torch.log_softmax(logits, dim=-1)
+    banned = logits.clone()
+    banned[2, [0, 4]] = float("-inf")  # row 2's min_tokens bans (EOS 0, stop id 4) are part of its distribution
+    ref = torch.log_softmax(banned, dim=-1)  # raw where nothing is banned; never temperature / top-k
     assert torch.allclose(out.logprobs, ref.gather(1, out.token_ids[:, None]).squeeze(1))
     top_lp, top_ids = ref.topk(5, dim=-1)  # k = the largest request in the batch
     assert torch.equal(out.top_ids, top_ids) and torch.allclose(out.top_logprobs, top_lp)
