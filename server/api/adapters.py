@@ -5,7 +5,8 @@ Upload: form field `name`, files `config` (adapter_config.json) and `weights`
 `BodySizeGuard` (413) before parsing; validation, storing and registering happen in
 `engine.adapters.upload`, which blocks, so it runs in a worker thread: other streams keep producing
 tokens meanwhile. Errors keep the registry's stable code (`exists` / `in_use` -> 409, `not_found`
--> 404, validation codes -> 400). Delete waits up to `--unload-timeout-s` for in-flight requests.
+-> 404, validation codes -> 400). Delete waits up to `--unload-timeout-s` for in-flight requests
+(of that name only: other uploads and deletes go on meanwhile) and drops the adapter's metric series.
 Upload and delete need the admin scope; list and get the inference scope.
 """
 from __future__ import annotations
@@ -77,6 +78,8 @@ async def get_adapter(name: str, engine: EngineDep) -> dict[str, Any]:
 
 
 @router.delete("/v1/adapters/{name}", dependencies=[AdminAuth])
-async def delete_adapter(name: str, engine: EngineDep, settings: SettingsDep) -> dict[str, Any]:
+async def delete_adapter(name: str, engine: EngineDep, settings: SettingsDep, state: StateDep) -> dict[str, Any]:
     await _call("name", engine.adapters.delete, name, settings.unload_timeout_s)
+    if state.metrics is not None:
+        state.metrics.forget_adapter(name)  # its latency series go with it
     return {"object": "adapter", "id": name, "name": name, "deleted": True}

@@ -4,10 +4,19 @@ Two sources: a custom Collector that reads `engine.stats()` at scrape time (gaug
 engine owns), and histograms / counters the HTTP layer observes itself (TTFT, inter-token and
 end-to-end latency labelled by adapter, HTTP requests by route and status). Metric names are a
 contract: the load-test tool reads them.
+
+Label cardinality: the adapter label takes at most `MAX_ADAPTER_SERIES` adapter names (plus "base"
+and "other"); when full, the least recently observed name gives its series up (removed) to the
+new one only if it has been idle for `SERIES_IDLE_S`, otherwise the new adapter is counted under
+"other". So busy adapters keep their own series and idle ones make room. A deleted adapter's
+series are removed (`forget_adapter`).
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -20,6 +29,10 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1
                     20.0, 40.0, 80.0)
 _ITL_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
                 2.5, 5.0)
+
+MAX_ADAPTER_SERIES = 32  # adapter label values with their own series (besides "base" and "other")
+SERIES_IDLE_S = 300.0  # an adapter series idle this long may be given up to a new adapter
+OTHER, BASE = "other", "base"
 
 # stats() key -> (metric name, help) for monotonic counters the engine keeps.
 _COUNTERS = {
@@ -69,7 +82,7 @@ class EngineCollector:
             labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
         info.add_metric([",".join(sorted(set(stats.get("running_adapters", [])))),
                          ",".join(sorted(set(stats.get("waiting_adapters", [])))),
-                         str(stats.get("slots_total", self.state.settings.max_adapters_per_batch))],
+                         str(stats.get("slots_total", self.state.settings.max_adapters_per_batch or 0))],
                         time.time())
         yield info
 
@@ -89,14 +102,46 @@ class Metrics:
         self.http = Counter("loramux_http_requests", "HTTP requests by route template and status",
                             ["route", "status"], registry=self.registry)
 
+        self._series: OrderedDict[str, float] = OrderedDict()  # adapter label -> last observed (LRU order)
+        self._lock = threading.Lock()
+        self.max_series, self.idle_s = MAX_ADAPTER_SERIES, SERIES_IDLE_S
+
+    def label(self, adapter: str) -> str:
+        """The label value an adapter's observations go under (bounded, see the module docstring)."""
+        if adapter in (BASE, OTHER):
+            return adapter
+        now = time.monotonic()
+        with self._lock:
+            if adapter in self._series:
+                self._series.move_to_end(adapter)
+            elif len(self._series) >= self.max_series:
+                oldest, seen = next(iter(self._series.items()))
+                if now - seen < self.idle_s:
+                    return OTHER
+                self._remove(oldest)
+            self._series[adapter] = now
+            return adapter
+
+    def forget_adapter(self, adapter: str) -> None:
+        """Drop a (deleted) adapter's series."""
+        with self._lock:
+            if adapter in self._series:
+                self._remove(adapter)
+
+    def _remove(self, adapter: str) -> None:
+        self._series.pop(adapter, None)
+        for hist in (self.ttft, self.itl, self.e2e):
+            with contextlib.suppress(KeyError):  # never observed in this histogram
+                hist.remove(adapter)
+
     def observe_ttft(self, adapter: str, seconds: float) -> None:
-        self.ttft.labels(adapter).observe(seconds)
+        self.ttft.labels(self.label(adapter)).observe(seconds)
 
     def observe_itl(self, adapter: str, seconds: float) -> None:
-        self.itl.labels(adapter).observe(seconds)
+        self.itl.labels(self.label(adapter)).observe(seconds)
 
     def observe_e2e(self, adapter: str, seconds: float) -> None:
-        self.e2e.labels(adapter).observe(seconds)
+        self.e2e.labels(self.label(adapter)).observe(seconds)
 
     def count_http(self, route: str, status: int) -> None:
         self.http.labels(route, str(status)).inc()

@@ -135,11 +135,30 @@ class AsyncEngine:
                        adapter: AdapterRef | None = None) -> AsyncIterator[CompletionDelta]:
         if not self.is_ready():
             raise RuntimeError("engine is not running")
-        collector = _Collector()
+        [stream] = self.submit([(request_id, prompt_token_ids, params)], adapter)
+        try:
+            async for delta in stream:
+                yield delta
+        finally:
+            await stream.aclose()  # aborts the request if it did not finish (client gone)
+
+    def submit(self, jobs: list[tuple[str, list[int], SamplingParams]],
+               adapter: AdapterRef | None = None) -> list[AsyncIterator[CompletionDelta]]:
+        """Queue one HTTP request's sequences (request_id, prompt ids, params) all or none, on the
+        running event loop; returns one delta stream per job. Raises QueueFullError (no room for all
+        of them now: 503) or ValueError (can never be served, e.g. more than --max-waiting: 400)."""
+        if not self.is_ready():
+            raise RuntimeError("engine is not running")
+        loop = asyncio.get_running_loop()
+        collectors = [_Collector() for _ in jobs]
         with self._lock:
-            self.engine.add_request(request_id, prompt_token_ids, params, adapter)
-            self._collectors[request_id] = (asyncio.get_running_loop(), collector)
+            self.engine.add_requests(jobs, adapter)
+            for (rid, _, _), collector in zip(jobs, collectors, strict=True):
+                self._collectors[rid] = (loop, collector)
             self._wake.notify_all()
+        return [self._stream(rid, c) for (rid, _, _), c in zip(jobs, collectors, strict=True)]
+
+    async def _stream(self, request_id: str, collector: _Collector) -> AsyncIterator[CompletionDelta]:
         finished = False
         try:
             while not finished:
@@ -155,6 +174,7 @@ class AsyncEngine:
 
     async def abort(self, request_id: str) -> None:
         with self._lock:
+            self._collectors.pop(request_id, None)  # a stream that was never iterated leaves no entry
             self.engine.abort(request_id)
             self._wake.notify_all()
 

@@ -68,6 +68,10 @@ class EngineClient(Protocol):
     ) -> AsyncIterator[CompletionDelta]:
         """Yields text deltas until one with finished=True. Cancelling the iterator aborts the request."""
 
+    # Optional: `submit(jobs, adapter) -> list[AsyncIterator[CompletionDelta]]` queues one HTTP
+    # request's (request_id, prompt ids, params) jobs all or none (QueueFullError: no room now -> 503;
+    # ValueError: can never fit -> 400). Engines without it get one `generate()` per job.
+
     async def abort(self, request_id: str) -> None: ...
 
     def stats(self) -> dict[str, Any]:

@@ -21,7 +21,8 @@ bounded time (max_tokens), so its wait is bounded.
 
 Errors: `add_request` raises `ValueError` for a request that can never fit (prompt +
 max_tokens > max_model_len, or more KV blocks than the whole pool) and `QueueFullError` when
-`max_waiting` requests already wait (HTTP 503). A token-level stop (EOS or stop_token_ids) keeps
+`max_waiting` requests already wait (HTTP 503). `add_requests` admits one HTTP request's fan-out
+(prompts x n) whole or not at all, so two requests racing for the last places never half-enter. A token-level stop (EOS or stop_token_ids) keeps
 the stop token as the last id of `new_token_ids` (as vLLM does); detokenizers drop it when
 `finish_reason == "stop"`.
 """
@@ -111,6 +112,27 @@ class Scheduler:
     # --- entering and leaving ------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
         """Queue a new request, or fail at once if it can never be served."""
+        self.add_requests([request])
+
+    def add_requests(self, requests: list[Request]) -> None:
+        """Queue a group (one HTTP request's prompts x n) whole, or none of it: ValueError when one
+        can never be served or the group is larger than the queue cap, QueueFullError when the
+        queue has no room for all of them now."""
+        ids = [r.request_id for r in requests]
+        if len(set(ids)) != len(ids):
+            raise ValueError("request_id: duplicate ids in one group")
+        for request in requests:
+            self._check_new(request)
+        if len(requests) > self.cfg.max_waiting:
+            raise ValueError(f"n: this request fans out to {len(requests)} sequences (prompts x n); the "
+                             f"server queues at most {self.cfg.max_waiting} (--max-waiting)")
+        if len(self.waiting) + len(requests) > self.cfg.max_waiting:
+            raise QueueFullError(f"{len(self.waiting)} requests waiting (max_waiting)")
+        for request in requests:
+            self.requests[request.request_id] = request
+            self.waiting.append(request)
+
+    def _check_new(self, request: Request) -> None:
         rid = request.request_id
         if rid in self.requests:
             raise ValueError(f"request_id: {rid!r} is already in flight")
@@ -128,10 +150,6 @@ class Scheduler:
         need = bm.blocks_for_tokens(request.max_total_tokens - 1)
         if need > bm.num_blocks:
             raise ValueError(f"request {rid!r} needs {need} KV blocks, the whole pool has {bm.num_blocks}")
-        if len(self.waiting) >= self.cfg.max_waiting:
-            raise QueueFullError(f"{len(self.waiting)} requests waiting (max_waiting)")
-        self.requests[rid] = request
-        self.waiting.append(request)
 
     def abort(self, request_ids: str | Iterable[str]) -> None:
         """Abort requests (unknown or finished ids are ignored); each yields an "abort" output
