@@ -26,7 +26,11 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     max_batch_size: int = 64
-    max_adapters_per_batch: int = 8
+    # None ("auto"): derived from memory when the engine is built (see the flag's help)
+    max_adapters_per_batch: int | None = None
+    max_cpu_adapters: int = 64  # adapters kept in host memory (LRU) above the device slots
+    gpu_memory_utilization: float = 0.85  # CUDA: share of free device memory the KV cache may take
+    max_num_batched_tokens: int = 2048  # per-step token budget (prefill chunks + decodes)
     max_lora_rank: int = 16  # slot buffers are padded to this rank (vLLM default): raise it for bigger adapters
     kv_cache_tokens: int | None = None  # None: sized automatically from free memory
     device: str = "auto"
@@ -52,11 +56,18 @@ class ServerSettings:
     def __post_init__(self) -> None:
         if not (0 < self.port < 65536):
             raise ValueError("--port: must be in 1..65535")
-        positive = ("max_batch_size", "max_adapters_per_batch", "max_lora_rank", "max_body_bytes",
-                    "max_upload_bytes", "max_n", "max_stop_len", "max_waiting")
+        positive = ("max_batch_size", "max_lora_rank", "max_body_bytes", "max_upload_bytes", "max_n",
+                    "max_stop_len", "max_waiting", "max_cpu_adapters", "max_num_batched_tokens")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}: must be >= 1")
+        if self.max_adapters_per_batch is not None and self.max_adapters_per_batch < 1:
+            raise ValueError("--max-adapters-per-batch: must be >= 1 (or auto)")
+        if not (0.0 < self.gpu_memory_utilization <= 1.0):
+            raise ValueError("--gpu-memory-utilization: must be in (0, 1]")
+        if self.max_num_batched_tokens < self.max_batch_size:
+            raise ValueError(f"--max-num-batched-tokens: must be >= --max-batch-size ({self.max_batch_size}), "
+                             "so every running sequence can decode in one step")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < 1:
             raise ValueError("--kv-cache-tokens: must be >= 1")
         if not (0 <= self.max_logprobs <= 20):
@@ -115,7 +126,15 @@ _FLAGS: list[tuple[str, object, str]] = [
     ("host", str, "bind address (default 127.0.0.1: loopback only)"),
     ("port", int, "TCP port"),
     ("max-batch-size", int, "most sequences per engine step"),
-    ("max-adapters-per-batch", int, "distinct adapters per step (= device slots)"),
+    ("max-adapters-per-batch", _opt_int, "distinct adapters per step (= device adapter slots). auto: one "
+     "slot per batch row (--max-batch-size), capped so that the slot buffers (per slot: LoRA A and B of "
+     "every projection of every layer at --max-lora-rank, in the model dtype) take at most 10%% of the "
+     "device's memory (host RAM on the CPU)"),
+    ("max-cpu-adapters", int, "adapters kept in host memory (LRU) besides the device slots; the rest are "
+     "read from the adapter store on demand"),
+    ("gpu-memory-utilization", float, "CUDA: share of free device memory the KV cache may take when "
+     "--kv-cache-tokens is auto"),
+    ("max-num-batched-tokens", int, "per-step token budget (prefill chunks + decodes); >= --max-batch-size"),
     ("max-lora-rank", int, "largest accepted LoRA rank"),
     ("kv-cache-tokens", _opt_int, "KV cache capacity in tokens (auto: from free memory)"),
     ("device", str, "auto | cpu | cuda"),

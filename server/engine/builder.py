@@ -134,11 +134,38 @@ def _num_blocks(loaded: LoadedModel, kv_cache_tokens: int | None, cache: CacheCo
     return DEFAULT_CPU_KV_TOKENS // block_size
 
 
-def engine_configs(settings: ServerSettings) -> tuple[SchedulerConfig, CacheConfig, LoRASettings]:
-    """The engine's config objects from the server's flags (every other value: the configs' defaults)."""
-    sched = SchedulerConfig(max_num_seqs=settings.max_batch_size, max_waiting=settings.max_waiting)
-    lora = LoRASettings(max_slots=settings.max_adapters_per_batch, max_lora_rank=settings.max_lora_rank)
-    return sched, CacheConfig(), lora
+SLOT_MEMORY_SHARE = 0.10  # auto --max-adapters-per-batch: slot buffers take at most this share of memory
+
+
+def slot_bytes(spec: BaseModelSpec, max_rank: int, dtype_bytes: int) -> int:
+    """Bytes one device adapter slot costs: A [r, in] and B [out, r] of every projection of every layer."""
+    return spec.num_layers * max_rank * dtype_bytes * sum(i + o for i, o in spec.module_dims.values())
+
+
+def auto_adapter_slots(spec: BaseModelSpec, max_rank: int, dtype_bytes: int, memory_bytes: int,
+                       max_batch_size: int) -> int:
+    """The default --max-adapters-per-batch: one slot per batch row, capped so the slot buffers take
+    at most SLOT_MEMORY_SHARE of `memory_bytes`; at least 1."""
+    fit = int(memory_bytes * SLOT_MEMORY_SHARE) // max(1, slot_bytes(spec, max_rank, dtype_bytes))
+    return max(1, min(max_batch_size, fit))
+
+
+def _memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def engine_configs(settings: ServerSettings, adapter_slots: int | None = None,
+                   ) -> tuple[SchedulerConfig, CacheConfig, LoRASettings]:
+    """The engine's config objects from the server's flags (every other value: the configs' defaults).
+    `adapter_slots` is the auto slot count (used when --max-adapters-per-batch is auto; without it, 8)."""
+    sched = SchedulerConfig(max_num_seqs=settings.max_batch_size, max_waiting=settings.max_waiting,
+                            max_num_batched_tokens=settings.max_num_batched_tokens)
+    slots = settings.max_adapters_per_batch or adapter_slots or min(8, settings.max_batch_size)
+    lora = LoRASettings(max_slots=slots, max_lora_rank=settings.max_lora_rank,
+                        host_cache_size=max(settings.max_cpu_adapters, slots))
+    return sched, CacheConfig(memory_fraction=settings.gpu_memory_utilization), lora
 
 
 def build_async_engine(settings: ServerSettings) -> AsyncEngine:
@@ -159,7 +186,13 @@ def _build_async_engine(settings: ServerSettings, worker: EngineThread) -> Async
     manager = AdapterManager(adapter_dir, spec, ValidationLimits(max_rank=settings.max_lora_rank))
     for name, err in manager.load_all():
         log.warning("skipping adapter %r: %s", name, err)
-    sched, cache, lora = engine_configs(settings)
+    auto_slots = None
+    if settings.max_adapters_per_batch is None:
+        auto_slots = auto_adapter_slots(spec, settings.max_lora_rank, loaded.dtype.itemsize,
+                                        _memory_bytes(loaded.device), settings.max_batch_size)
+        log.info("adapter slots (auto): %d, %.1f MB each", auto_slots,
+                 slot_bytes(spec, settings.max_lora_rank, loaded.dtype.itemsize) / 1e6)
+    sched, cache, lora = engine_configs(settings, auto_slots)
     engine = build_llm_engine(loaded, manager, scheduler=sched, cache=cache, lora=lora,
                               kv_cache_tokens=settings.kv_cache_tokens)
     return AsyncEngine(
