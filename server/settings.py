@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 ENV_PREFIX = "LORAMUX_"
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZE = ("auto", "none", "int8", "int4", "nf4")  # server/model/quant_blocks.py QUANTIZE_MODES
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
@@ -35,6 +36,7 @@ class ServerSettings:
     kv_cache_tokens: int | None = None  # None: sized automatically from free memory
     device: str = "auto"
     dtype: str = "auto"
+    quantize: str = "auto"  # base weights kept quantized: see docs/quantization.md
     api_key: str | None = None  # inference scope (an admin key also works for inference)
     admin_key: str | None = None  # adapter upload/delete scope
     # HTTP limits
@@ -81,6 +83,8 @@ class ServerSettings:
             raise ValueError(f"--device: must be one of {', '.join(DEVICES)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype: must be one of {', '.join(DTYPES)}")
+        if self.quantize not in QUANTIZE:
+            raise ValueError(f"--quantize: must be one of {', '.join(QUANTIZE)}")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"--log-level: must be one of {', '.join(LOG_LEVELS)}")
         for name in ("api_key", "admin_key"):
@@ -139,6 +143,9 @@ _FLAGS: list[tuple[str, object, str]] = [
     ("kv-cache-tokens", _opt_int, "KV cache capacity in tokens (auto: from free memory)"),
     ("device", str, "auto | cpu | cuda"),
     ("dtype", str, "auto | float32 | bfloat16 | float16"),
+    ("quantize", str, "base weights kept quantized in memory: auto (a GGUF file's own Q8_0/Q4_0/Q4_1 "
+                      "blocks, K-quants converted; HF weights as they are) | none (dequantize) | int8 | "
+                      "int4 | nf4 (quantize at load)"),
     ("api-key", _opt_str, "bearer key for inference routes"),
     ("admin-key", _opt_str, "bearer key for adapter upload/delete (also valid for inference)"),
     ("max-body-bytes", int, "largest JSON request body"),

@@ -33,9 +33,11 @@ ENGINE_CORE = ["server.engine.config", "server.engine.request", "server.engine.s
 MODEL_MATH = ["server.model.llama", "server.model.layers", "server.model.attention", "server.model.rope",
               "server.model.config", "server.model.context", "server.model.loader", "server.model.hf_loader",
               "server.model.gguf_loader", "server.model.weights", "server.model.tokenizer",
-              "server.model.gguf_tokenizer", "server.model.errors", "server.model.generate"]
+              "server.model.gguf_tokenizer", "server.model.errors", "server.model.generate",
+              "server.model.quant_blocks"]
 # Modules that substitute faster or LoRA-aware parts into the model at build time.
-FAST_PATHS = {"server.model.lora", "server.model.cpu_linear", "server.model.cpu_ops"}
+FAST_PATHS = {"server.model.lora", "server.model.cpu_linear", "server.model.cpu_ops",
+              "server.model.quant_linear"}
 
 
 def _module_name(path: Path) -> str:

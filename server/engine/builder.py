@@ -34,6 +34,7 @@ from server.model.cpu_linear import PackedLinear, prepack_linears
 from server.model.cpu_ops import cpu_ops_enabled, enable_cpu_ops
 from server.model.loader import LoadedModel, load_model
 from server.model.lora import attach_lora
+from server.model.quant_linear import apply_quantization, weight_report
 from server.settings import ServerSettings
 
 log = logging.getLogger("loramux.engine")
@@ -62,6 +63,8 @@ def model_info(loaded: LoadedModel, max_lora_rank: int) -> dict:
         "max_lora_rank": max_lora_rank,
         "dtype": str(loaded.dtype).replace("torch.", ""),
         "device": str(loaded.device),
+        "quantize": loaded.quantize,
+        **weight_report(loaded.model),  # weight_format, resident_weight_bytes, weight_bytes_by_format
     }
 
 
@@ -90,6 +93,8 @@ def build_llm_engine(
     (None: DEFAULT_CPU_KV_TOKENS on the CPU, a share of free memory on CUDA). Order matters and is
     fixed here: C++ ops loaded -> linears packed -> LoRA attached -> fused ops substituted -> the
     decode executor built from the finished model."""
+    if loaded.quant:  # quantized base weights: substituted before anything binds the modules
+        apply_quantization(loaded)
     model, cfg = loaded.model, loaded.config
     scheduler, lora = scheduler or SchedulerConfig(), lora or LoRASettings()
     cache = cache or CacheConfig()
@@ -179,7 +184,7 @@ def build_async_engine(settings: ServerSettings) -> AsyncEngine:
 
 
 def _build_async_engine(settings: ServerSettings, worker: EngineThread) -> AsyncEngine:
-    loaded = load_model(settings.model, settings.dtype, settings.device)
+    loaded = load_model(settings.model, settings.dtype, settings.device, settings.quantize)
     spec = base_spec(loaded)
     adapter_dir = settings.adapter_dir or str(Path(tempfile.gettempdir()) / "loramux-adapters")
     Path(adapter_dir).mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,9 @@ Both loaders (HF directory, GGUF) produce a dict of tensors under HF names
 `qkv_proj` and gate|up into `gate_up_proj` (the runtime's fused layout) and casts to the target dtype;
 `build_model` instantiates the model without allocating (meta device), assigns the tensors, re-ties
 the embeddings, and moves it to the device. Shape or name mismatches raise `ModelLoadError`.
+Quantized weights (server/model/quant_blocks.py) are fused the same way by `fuse_quantized` (kept
+blocks concatenate by rows), keyed by module path; `build_model` is given a zero-storage NaN
+placeholder for each (`quant_placeholders`) until the builder substitutes the quantized module.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import torch
 from server.model.config import ModelConfig
 from server.model.errors import ModelLoadError
 from server.model.llama import LlamaForCausalLM
+from server.model.quant_blocks import QuantBlocks, QuantSource, fuse_quant, placeholder
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _FUSED = {
@@ -51,6 +55,40 @@ def fuse_hf_weights(hf: dict[str, torch.Tensor], cfg: ModelConfig, dtype: torch.
     if cfg.tie_word_embeddings:
         out.pop("lm_head.weight", None)  # tied checkpoints sometimes store a copy
     return out
+
+
+def fuse_quantized(quant: dict[str, QuantBlocks | QuantSource], cfg: ModelConfig
+                   ) -> dict[str, QuantBlocks | QuantSource]:
+    """HF weight names -> module paths of the runtime ("model.layers.0.self_attn.qkv_proj",
+    "lm_head", "model.embed_tokens"), q|k|v and gate|up fused. Consumes `quant`."""
+    out: dict[str, QuantBlocks | QuantSource] = {}
+    parts: dict[str, dict[int, QuantBlocks | QuantSource]] = {}
+    for name in list(quant):
+        q = quant.pop(name)
+        if not name.endswith(".weight"):
+            raise ModelLoadError(f"quantized tensor {name} is not a weight")
+        m = _LAYER.fullmatch(name)
+        module = name[: -len(".weight")]
+        if m and m.group(2).rpartition(".")[0] in _FUSED:
+            fused, idx = _FUSED[m.group(2).rpartition(".")[0]]
+            parts.setdefault(f"model.layers.{m.group(1)}.{fused}", {})[idx] = q
+            continue
+        out[module] = q
+    for module, pieces in parts.items():
+        want = 3 if module.endswith("qkv_proj") else 2
+        if sorted(pieces) != list(range(want)):
+            raise ModelLoadError(f"{module}: some of its fused parts are quantized and some are missing")
+        out[module] = fuse_quant([pieces[i] for i in range(want)])
+    if cfg.tie_word_embeddings:
+        out.pop("lm_head", None)  # the LM head is the embedding matrix
+    return out
+
+
+def quant_placeholders(quant: dict[str, QuantBlocks | QuantSource], dtype: torch.dtype, device: torch.device
+                       ) -> dict[str, torch.Tensor]:
+    """`{module.weight: NaN placeholder}` for `build_model`'s state (see quant_blocks.placeholder)."""
+    with torch.device(device):
+        return {f"{module}.weight": placeholder(q.shape, dtype) for module, q in quant.items()}
 
 
 def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], device: torch.device) -> LlamaForCausalLM:
