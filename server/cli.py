@@ -1,8 +1,9 @@
 """The `loramux` console script: `loramux serve [flags]` (more subcommands plug in as one line each).
 
-Flow of `serve`: flags/env -> `ServerSettings` -> engine (`server.engine.builder.build_async_engine`, or the
-hidden `--engine-factory module:callable` test hook, env LORAMUX_ENGINE_FACTORY) -> `create_app`
--> `server.api.serve.run` (uvicorn with draining SIGTERM). Any start-up failure (bad flag value,
+Flow of `serve`: flags/env -> `ServerSettings` -> engine factory (`server.engine.builder.build_async_engine`,
+or the hidden `--engine-factory module:callable` test hook, env LORAMUX_ENGINE_FACTORY) -> `create_app`
+-> `server.api.serve.run` (uvicorn with draining SIGTERM; the port opens first, then the engine is
+built in the background: /health answers at once, /ready is 503 until the engine is up). Any start-up failure (bad flag value,
 model load error, engine start error) is one line on stderr and exit status 2, never a traceback.
 A drained shutdown exits 0.
 """
@@ -37,15 +38,16 @@ def _serve(ns: argparse.Namespace) -> int:
     settings = ServerSettings.from_namespace(ns)
     logging.basicConfig(level=settings.log_level.upper(), format="%(message)s", stream=sys.stderr)
     if settings.engine_factory:
-        engine = _load_factory(settings.engine_factory)(settings)
+        factory = _load_factory(settings.engine_factory)
     else:
         from server.engine.builder import build_async_engine  # heavy (torch): imported only to serve
 
-        engine = build_async_engine(settings)
+        factory = build_async_engine
     from server.api.app import create_app
     from server.api.serve import run
 
-    app = create_app(engine, settings, manage_lifecycle=False)
+    # The factory runs after the port is open: /health answers at once, /ready is 503 until it is built.
+    app = create_app(factory, settings, manage_lifecycle=False)
     error = run(app, settings.host, settings.port, settings.log_level)
     if error:
         print(f"loramux serve: error: {error}", file=sys.stderr)

@@ -6,8 +6,10 @@ connections); running requests get up to `--drain-timeout-s` to finish; then uvi
 runs (close listener, wait for connections, which by then are idle) and `shutdown(state)` stops the
 engine. A second signal exits at once. Unlike plain uvicorn we do not re-raise the signal after the
 graceful exit, so a drained server exits with status 0.
-Start-up: the engine is started before uvicorn binds the port; a failure is kept in
-`startup_error` (one line) for the CLI to print, never a traceback.
+Start-up: uvicorn binds the port first, then the engine is built and started in the background
+(`startup(state)`): meanwhile /health answers 200 and /ready and inference 503 with Retry-After.
+A failure (model load, engine start) is kept in `startup_error` (one line) for the CLI to print,
+never a traceback, and the server exits (the CLI exits non-zero).
 """
 from __future__ import annotations
 
@@ -32,20 +34,29 @@ class DrainingServer(uvicorn.Server):
         self.startup_error: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_task: asyncio.Task | None = None
+        self._engine_task: asyncio.Task | None = None
 
     async def startup(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)  # the port is open from here on
+        if self.should_exit:
+            return  # could not bind
+        self._engine_task = asyncio.ensure_future(self._start_engine())
+
+    async def _start_engine(self) -> None:
         try:
             await startup(self.state)
         except Exception as exc:  # model load errors, bad engine settings...
             message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
             self.startup_error = " ".join(str(message).split())  # one line; the operator may need the path
             self.should_exit = True
-            return  # `started` stays False: uvicorn skips its shutdown
-        await super().startup(sockets)
 
     async def shutdown(self, sockets=None) -> None:
         await super().shutdown(sockets)
+        task = self._engine_task
+        if task is not None and not task.done():
+            # Signalled while the model loads: let the build finish (it runs in a thread), then stop it.
+            await asyncio.gather(task, return_exceptions=True)
         await shutdown(self.state)
 
     def handle_exit(self, sig: int, frame) -> None:

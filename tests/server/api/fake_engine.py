@@ -247,3 +247,9 @@ class _StartFails(FakeEngine):
 
 def make_engine_failing_start(settings) -> FakeEngine:
     return _StartFails()
+
+
+def make_slow_engine(settings) -> FakeEngine:
+    """CLI test hook: a model that takes a while to load (the port must be open meanwhile)."""
+    time.sleep(float(__import__("os").environ.get("FAKE_LOAD_S", "3")))
+    return FakeEngine(token_delay_s=0.02)
