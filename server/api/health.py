@@ -2,7 +2,8 @@
 
 /ready is 200 only when the engine is built and reports ready, the server is not draining, and the
 engine's step loop is alive (engine.stats()["step_loop_alive"], which the engine computes against
-`--step-stall-s`); otherwise 503 with the reason. No auth on either.
+`--step-stall-s`); otherwise 503 with the reason and Retry-After (every 503 carries one). No auth
+on either.
 """
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ def health() -> dict[str, str]:
 def ready(state: StateDep) -> dict[str, str]:
     engine = state.engine
     if state.draining:
-        raise APIError(503, "draining", code="server_draining")
+        raise APIError(503, "draining", code="server_draining", headers={"Retry-After": "5"})
     if engine is None or not state.started or not engine.is_ready():
         raise APIError(503, "loading", code="not_ready", headers={"Retry-After": "1"})
     if not engine.stats().get("step_loop_alive", True):
-        raise APIError(503, "engine step loop stalled", code="engine_stalled")
+        raise APIError(503, "engine step loop stalled", code="engine_stalled", headers={"Retry-After": "1"})
     return {"status": "ready"}
