@@ -68,9 +68,22 @@ def _triton():
     return triton_sgmv
 
 
-def _triton_add(y, x, lora_a, lora_b, scaling, batch, out_slices) -> None:
-    tri = _triton()
-    tri.expand(y, tri.shrink(x, lora_a, batch, zero=False), lora_b, scaling, batch, out_slices)
+class _TritonBound(_Bound):
+    """The Triton binding: the per-slice tables (offsets, strides, output columns) go to the device
+    once, here, instead of on every call."""
+
+    def __init__(self, lora_a, lora_b, scaling, out_slices) -> None:
+        super().__init__(None, lora_a, lora_b, scaling, out_slices)
+        tri = _triton()
+        self.tri = tri
+        self.a_table = tri.slice_table(self.lora_a, [(0, 0)] * len(self.lora_a))
+        self.b_table = tri.slice_table(self.lora_b, self.out_slices)
+
+    def __call__(self, y: torch.Tensor, x: torch.Tensor, plan: LoRABatch) -> None:
+        check_call(y, x, plan.num_tokens, self.in_features, self.out_width, self.dtype)
+        if plan.has_lora:
+            v = self.tri.shrink(x, self.lora_a, plan, zero=False, table=self.a_table)
+            self.tri.expand(y, v, self.lora_b, self.scaling, plan, self.out_slices, table=self.b_table)
 
 
 class TritonBackend:
@@ -81,8 +94,8 @@ class TritonBackend:
     def prepare(self, batch: LoRABatch) -> LoRABatch:
         return batch
 
-    def bind(self, lora_a, lora_b, scaling, out_slices) -> _Bound:
-        return _Bound(_triton_add, lora_a, lora_b, scaling, out_slices)
+    def bind(self, lora_a, lora_b, scaling, out_slices) -> _TritonBound:
+        return _TritonBound(lora_a, lora_b, scaling, out_slices)
 
     def shrink(self, x, lora_a, plan: LoRABatch) -> torch.Tensor:
         return _triton().shrink(x, lora_a, plan, zero=True)

@@ -11,7 +11,7 @@ stores are masked. Accumulation is fp32; v is fp32 [n, T, r].
 
 Slices of a fused projection (q|k|v, gate|up) are a grid dimension. Their (possibly different)
 buffers, strides and output columns come from a small int64 table on the device
-(see `_slice_table`), built once per set of buffers and cached, so a call does no host->device copy.
+(see `slice_table`), built once when a LoRA layer binds its buffers, so a call does no host->device copy.
 
 The @triton.jit decoration is done lazily (`_kernels()`), so whether the interpreter is used
 (TRITON_INTERPRET=1) is read when the kernels are first needed, not when this module is imported.
@@ -131,24 +131,16 @@ def _kernels():
     return _jitted(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
-_tables: dict[tuple, torch.Tensor] = {}
-
-
-def _slice_table(weights: Sequence[torch.Tensor], out_slices: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """int64 [n, TABLE_COLS] on the device (see W_OFF...). Cached: the slot buffers live for the
-    whole run, so after the first step no call copies anything to the device."""
-    key = (tuple((w.data_ptr(), w.stride()) for w in weights), tuple(out_slices), weights[0].device)
-    if key not in _tables:
-        if len(_tables) > 4096:  # buffers re-allocated many times: drop stale entries
-            _tables.clear()
-        rows = []
-        for w, (off, size) in zip(weights, out_slices, strict=True):
-            # Offsets between separate allocations are plain address arithmetic on the device.
-            delta = w.data_ptr() - weights[0].data_ptr()
-            assert delta % w.element_size() == 0
-            rows.append([delta // w.element_size(), *w.stride(), off, size])
-        _tables[key] = torch.tensor(rows, dtype=torch.int64).view(-1, int(TABLE_COLS.value)).to(weights[0].device)
-    return _tables[key]
+def slice_table(weights: Sequence[torch.Tensor], out_slices: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """int64 [n, TABLE_COLS] on the device (see W_OFF...). A LoRA layer builds it once when it binds its
+    slot buffers (kernels/backend.py) and passes it to every call, so no step copies it to the device."""
+    rows = []
+    for w, (off, size) in zip(weights, out_slices, strict=True):
+        # Offsets between separate allocations are plain address arithmetic on the device.
+        delta = w.data_ptr() - weights[0].data_ptr()
+        assert delta % w.element_size() == 0
+        rows.append([delta // w.element_size(), *w.stride(), off, size])
+    return torch.tensor(rows, dtype=torch.int64).view(-1, int(TABLE_COLS.value)).to(weights[0].device)
 
 
 def _block_m(batch: LoRABatch) -> int:
@@ -162,8 +154,10 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def shrink(x: torch.Tensor, lora_a: Sequence[torch.Tensor], batch: LoRABatch, zero: bool) -> torch.Tensor:
-    """v [n, T, r] float32. zero=False leaves -1 rows undefined (the expand skips them anyway)."""
+def shrink(x: torch.Tensor, lora_a: Sequence[torch.Tensor], batch: LoRABatch, zero: bool,
+           table: torch.Tensor | None = None) -> torch.Tensor:
+    """v [n, T, r] float32. zero=False leaves -1 rows undefined (the expand skips them anyway).
+    `table`: `slice_table(lora_a, [(0, 0)] * n)`, made once by the caller (built here when None)."""
     shrink_k, _ = _kernels()
     n, (_, r, k) = len(lora_a), lora_a[0].shape
     t, num_segs = x.shape[0], batch.seg_slots.shape[0]
@@ -179,7 +173,7 @@ def shrink(x: torch.Tensor, lora_a: Sequence[torch.Tensor], batch: LoRABatch, ze
     if num_segs == 0 or t == 0 or not batch.has_lora:
         return v
     shrink_k[(num_segs, m_blocks, n * split)](
-        x, lora_a[0], v, _slice_table(lora_a, [(0, 0)] * n), batch.seg_indptr, batch.seg_slots,
+        x, lora_a[0], v, slice_table(lora_a, [(0, 0)] * n) if table is None else table, batch.seg_indptr, batch.seg_slots,
         x.stride(0), x.stride(1), v.stride(0), v.stride(1), k, r,
         BLOCK_M=block_m, BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_K=block_k,
         SPLIT_K=split, K_STEPS=per_split // block_k, PRECISION=_precision(x.dtype),
@@ -188,8 +182,8 @@ def shrink(x: torch.Tensor, lora_a: Sequence[torch.Tensor], batch: LoRABatch, ze
     return v
 
 
-def expand(y, v, lora_b, scaling, batch: LoRABatch, out_slices) -> None:
-    """y += scaling * v @ B.T per slice, one launch."""
+def expand(y, v, lora_b, scaling, batch: LoRABatch, out_slices, table: torch.Tensor | None = None) -> None:
+    """y += scaling * v @ B.T per slice, one launch. `table`: `slice_table(lora_b, out_slices)`."""
     _, expand_k = _kernels()
     n, r = len(lora_b), lora_b[0].shape[2]
     num_segs = batch.seg_slots.shape[0]
@@ -200,7 +194,7 @@ def expand(y, v, lora_b, scaling, batch: LoRABatch, out_slices) -> None:
     n_blocks = triton.cdiv(max(s for _, s in out_slices), block_n)
     scaling = scaling.contiguous()
     expand_k[(num_segs, triton.cdiv(batch.max_seg_len, block_m), n * n_blocks)](
-        v, lora_b[0], y, scaling, _slice_table(lora_b, out_slices), batch.seg_indptr, batch.seg_slots,
+        v, lora_b[0], y, scaling, slice_table(lora_b, out_slices) if table is None else table, batch.seg_indptr, batch.seg_slots,
         v.stride(0), v.stride(1), y.stride(0), y.stride(1), scaling.stride(0), r, n_blocks,
         BLOCK_M=block_m, BLOCK_R=max(16, triton.next_power_of_2(r)), BLOCK_N=block_n,
         PRECISION=_precision(y.dtype),

@@ -24,7 +24,7 @@ each, reading the blocks in place, same numerics) and reuse `prefill_attention` 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +67,8 @@ class AttentionPlan:
     decode_q_rows: torch.Tensor | None = None  # [B] int64
     decode_tables: torch.Tensor | None = None  # [B, nblocks] int32
     decode_lens: torch.Tensor | None = None  # [B] int64
+    # Per-step values an attention substitution derives once and shares across layers (by its own key)
+    extras: dict = field(default_factory=dict)
 
 
 def _head_rows(index: torch.Tensor, per_head: int, heads2: int) -> torch.Tensor:
