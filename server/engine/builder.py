@@ -120,6 +120,10 @@ def build_llm_engine(
         backend = make_backend(loaded.device, os.environ.get("LORAMUX_LORA_BACKEND", lora_backend))
         attach_lora(model, pool, backend)
     runner = ModelRunner(model, num_blocks, cache.block_size, pool, loaded.tokenizer.eos_token_ids, backend)
+    if loaded.device.type == "cuda":  # attention reads the paged cache in place (Triton)
+        from server.model.triton_attention import enable_triton_attention
+
+        enable_triton_attention(model)
     if on_cpu and enable_cpu_ops(model):  # after LoRA: the executor binds the finished layers
         runner.decode_executor = CPUDecodeLoop(model)
         runner.decode_executor.build()
