@@ -37,7 +37,7 @@ MODEL_MATH = ["server.model.llama", "server.model.layers", "server.model.attenti
               "server.model.quant_blocks"]
 # Modules that substitute faster or LoRA-aware parts into the model at build time.
 FAST_PATHS = {"server.model.lora", "server.model.cpu_linear", "server.model.cpu_ops",
-              "server.model.quant_linear"}
+              "server.model.quant_linear", "server.model.triton_attention"}
 
 
 def _module_name(path: Path) -> str:
