@@ -85,8 +85,40 @@ def build_parser() -> argparse.ArgumentParser:
     a("--no-plots", action="store_true")
     a("--no-progress", action="store_true")
     a("--compare", nargs="+", type=Path, metavar="FILE", help="plot these results.json files together; no run")
+    a("--soak", type=float, default=None, metavar="SECONDS",
+      help="soak instead of a sweep: traffic (first --concurrency level, --disconnect-fraction, default 0.1), "
+           "adapter churn on adapters in use (--churn ops/s, default 0.5), bad uploads; reports RSS, open "
+           "descriptors, threads and p99 after --soak-warmup and at the end, and the KV blocks once drained")
+    a("--soak-warmup", type=float, default=60.0, metavar="SECONDS", help="soak warm-up (default 60)")
     a("--debug", action="store_true", help="show tracebacks")
     return p
+
+
+def _typical(dist: LengthDist) -> int:
+    return int(dist.a if dist.kind != "uniform" else (dist.a + dist.b) / 2)
+
+
+def _soak(args) -> int:
+    from loadtest.soak import SoakConfig, format_report, run_soak, write_report
+
+    cfg = config_from_args(args)
+    soak = SoakConfig(url=cfg.url, seconds=args.soak, warmup_s=min(args.soak_warmup, args.soak / 2),
+                      window_s=min(60.0, args.soak / 4), concurrency=cfg.concurrency[0],
+                      adapters=args.adapters or 8, rank=args.rank, prompt_tokens=_typical(args.prompt_tokens),
+                      max_tokens=_typical(args.max_tokens), token_range=cfg.token_range,
+                      disconnect_fraction=args.disconnect_fraction or 0.1, churn_per_s=args.churn or 0.5,
+                      seed=args.seed, api_key=cfg.api_key, admin_key=cfg.admin_key, timeout_s=args.timeout)
+    owned: set[str] = set()
+    try:
+        report_ = asyncio.run(run_soak(soak, owned, progress=not args.no_progress))
+    finally:
+        if owned:
+            left = delete_adapters_sync(cfg.url, sorted(owned), cfg.admin_key)
+            if left:
+                print(f"warning: could not delete adapters {', '.join(left)}", file=sys.stderr)
+    print(format_report(report_))
+    print(f"wrote {write_report(report_, args.out)}")
+    return 0 if report_["passed"] else 1
 
 
 def config_from_args(args) -> RunConfig:
@@ -161,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.compare:
             return _compare(args.compare, args.out)
+        if args.soak is not None:
+            return _soak(args)
         return _run(config_from_args(args), args.out, plots=not args.no_plots)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted (uploaded adapters were deleted)", file=sys.stderr)

@@ -21,7 +21,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -71,6 +71,11 @@ class EngineCollector:
             if key in stats:
                 yield GaugeMetricFamily(name, doc, value=float(stats[key]))
         used, total = stats.get("kv_blocks_used"), stats.get("kv_blocks_total")
+        if used is not None:
+            yield GaugeMetricFamily("loramux_kv_blocks_used", "KV cache blocks in use", value=float(used))
+        threads = _os_threads()
+        if threads is not None:
+            yield GaugeMetricFamily("loramux_process_threads", "OS threads of the server process", value=threads)
         if used is not None and total:
             yield GaugeMetricFamily("loramux_kv_cache_usage_ratio", "Fraction of KV blocks in use",
                                     value=float(used) / float(total))
@@ -87,12 +92,25 @@ class EngineCollector:
         yield info
 
 
+def _os_threads() -> float | None:
+    """OS threads of this process (Linux /proc; OpenMP workers included), or None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Threads:"):
+                    return float(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
 class Metrics:
     """Owns the per-app registry and the histograms routes observe."""
 
     def __init__(self, state: Any):
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(EngineCollector(state))
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes, process_open_fds (soak checks)
         self.ttft = Histogram("loramux_time_to_first_token_seconds", "Time to first token", ["adapter"],
                               buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.itl = Histogram("loramux_inter_token_latency_seconds", "Time between streamed tokens",
