@@ -3,7 +3,7 @@
 // A decode step at batch 32 is about 300 small calls (4 projections, 2 norms, rotary, KV write,
 // attention, activation per layer); from Python each costs its module call, attribute lookups and
 // argument checks, about 2 ms per step in all. Here the same calls, in the same order and with the
-// same kernels (model_cpu.cpp, bgmv_cpu.cpp, gemm_bf16.cpp / gemm_f32.cpp or oneDNN's pre-packed linear), run from
+// same kernels (model_cpu.cpp, bgmv_cpu.cpp, gemm_bf16.cpp / gemm_f32.cpp / qgemm_cpu.cpp or oneDNN's pre-packed linear), run from
 // C++: the results
 // are bit-identical to the Python path (tests/model/test_cpu_ops.py), only the overhead goes.
 //
@@ -25,8 +25,13 @@ namespace {
 struct Proj {
   torch::Tensor weight;  // plain [out, in], oneDNN pre-packed, or gemm_bf16.cpp panels (see kind)
   c10::optional<torch::Tensor> bias;
-  int64_t kind = 0;  // 0: at::linear, 1: oneDNN pre-packed, 2: bf16_gemm, 3: f32_gemm
+  int64_t kind = 0;  // 0: at::linear, 1: oneDNN pre-packed, 2: bf16_gemm, 3: f32_gemm, 4: quantized blocks
   int64_t n_out = 0;
+  // kind 4 only (qgemm_cpu.cpp's quant_linear; weight = the uint8 blocks): set by set_quant
+  bool quant_set = false;
+  int64_t fmt = 0, k_in = 0;
+  double absmax_offset = 0.0;
+  torch::Tensor absmax_q, absmax_scale, dyn_map;
   bool lora = false;
   torch::Tensor a_tab, scaling;
   std::vector<torch::Tensor> b_tabs;
@@ -78,7 +83,7 @@ class DecodeLoop {
     Proj* dst[4] = {&l.qkv, &l.o, &l.gate_up, &l.down};
     for (int i = 0; i < 4; ++i) {
       auto& [w, b, kind, n_out, a_tab, b_tabs, offs, scaling, r] = projs[i];
-      TORCH_CHECK(kind >= 0 && kind <= 3, "unknown projection kind ", kind);
+      TORCH_CHECK(kind >= 0 && kind <= 4, "unknown projection kind ", kind);
       Proj& p = *dst[i];
       p.weight = w;
       p.bias = b;
@@ -98,6 +103,24 @@ class DecodeLoop {
   }
 
   int64_t num_layers() const { return static_cast<int64_t>(layers.size()); }
+
+  // A kind-4 projection's quantized format (kernels/quant.py: 0 q8_0, 1 q4_0, 2 q4_1, 3 nf4) and its
+  // nf4 tables (empty tensors for the GGUF formats); proj: 0 qkv, 1 o, 2 gate_up, 3 down.
+  void set_quant(int64_t layer, int64_t proj, int64_t fmt, int64_t k_in, torch::Tensor absmax_q,
+                 torch::Tensor absmax_scale, double absmax_offset, torch::Tensor dyn_map) {
+    TORCH_CHECK(layer >= 0 && layer < num_layers() && proj >= 0 && proj < 4, "bad layer/projection index");
+    Layer& l = layers[layer];
+    Proj* ps[4] = {&l.qkv, &l.o, &l.gate_up, &l.down};
+    Proj& p = *ps[proj];
+    TORCH_CHECK(p.kind == 4, "set_quant on a projection that is not kind 4");
+    p.fmt = fmt;
+    p.k_in = k_in;
+    p.absmax_q = std::move(absmax_q);
+    p.absmax_scale = std::move(absmax_scale);
+    p.absmax_offset = absmax_offset;
+    p.dyn_map = std::move(dyn_map);
+    p.quant_set = true;
+  }
 
   // h: the step's embeddings [T, hidden] -> the final normed hidden states [T, hidden]
   torch::Tensor forward(torch::Tensor h, torch::Tensor cos, torch::Tensor sin, torch::Tensor slot_mapping,
@@ -151,7 +174,10 @@ class DecodeLoop {
           regions.emplace_back(static_cast<const char*>(b.data_ptr()) + s * p.r * b.size(1) * esz, p.r * b.size(1) * esz);
       }
     }
-    torch::Tensor y = p.kind == 3   ? f32_gemm(x, p.weight, p.n_out, p.bias)
+    TORCH_CHECK(p.kind != 4 || p.quant_set, "a quantized projection was added without set_quant");
+    torch::Tensor y = p.kind == 4   ? quant_linear(x, p.weight, p.fmt, p.n_out, p.k_in, p.absmax_q, p.absmax_scale,
+                                                   p.absmax_offset, p.dyn_map, p.bias, 0)
+                      : p.kind == 3 ? f32_gemm(x, p.weight, p.n_out, p.bias)
                       : p.kind == 2 ? bf16_gemm_prefetching(x, p.weight, p.n_out, p.bias, regions)
                       : p.kind == 1 ? packed_linear(x, p)
                                     : at::linear(x, p.weight, p.bias);
@@ -173,6 +199,7 @@ void bind_decode_loop(pybind11::module& m) {
       .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, double, double, torch::Tensor>())
       .def("add_layer", &DecodeLoop::add_layer)
       .def("num_layers", &DecodeLoop::num_layers)
+      .def("set_quant", &DecodeLoop::set_quant)
       .def("forward", &DecodeLoop::forward);
 }
 

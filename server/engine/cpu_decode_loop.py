@@ -4,7 +4,8 @@ The runner owns one `CPUDecodeLoop` when the model runs on the CPU with the fuse
 (server/model/cpu_ops.py). It is built explicitly by the engine builder after LoRA is attached and
 the weights are packed: `build()` walks the layers once and hands the C++ `DecodeLoop` each layer's
 norm weights, KV cache and four projections (packed weight + kind, bias, and the LoRA kernel's bound
-tables from the layer's CPU backend binding). Per step, `run(input_ids, ctx)` returns the final
+tables from the layer's CPU backend binding); a quantized projection (`QuantLinear`) goes in as kind 4,
+its blocks and format set by `set_quant`, and runs the same qgemm_cpu.cpp kernel as its module. Per step, `run(input_ids, ctx)` returns the final
 hidden states `[T, hidden]`, or None when the step is not all-decode or does not suit the loop (a
 LoRA plan that is not the CPU kernel's, segments long enough for GEMMs); the runner then calls the
 model's own forward. Both paths call the same kernels in the same order: bit-identical results.
@@ -18,14 +19,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import cpu_ext
+from kernels import cpu_ext, quant_reference
+from kernels import quant as kq
 from kernels.cpu import CPUPlan
 from server.model.context import ForwardContext
 from server.model.cpu_linear import PackedLinear
 from server.model.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
 from server.model.lora import LoRALinear
+from server.model.quant_linear import QuantLinear
 
 _KIND = {"bf16_gemm": 2, "f32_gemm": 3}  # PackedLinear.kind -> DecodeLoop's weight kind (0 plain, 1 oneDNN)
+_QUANT_KIND = 4  # kernels/quant.py QuantizedWeight blocks through qgemm_cpu.cpp's quant_linear
+
+
+def _quant_args(qw):
+    """DecodeLoop.set_quant's (format id, in_features, absmax, absmax_scale, offset, dynamic map)."""
+    empty = torch.empty(0, dtype=torch.uint8)
+    nf4 = qw.format == "nf4"
+    return (kq._CPP_FORMAT_IDS[qw.format], qw.in_features, qw.absmax if nf4 else empty,
+            qw.absmax_scale if nf4 else empty.float(), qw.absmax_offset, quant_reference.DYNAMIC_MAP)
 
 
 def _proj_args(module: nn.Module):
@@ -44,6 +56,8 @@ def _proj_args(module: nn.Module):
         return (packed, module.bias, _KIND.get(module.kind, 1), module.out_features, *lora), module
     if type(module) is nn.Linear:
         return (module.weight, module.bias, 0, module.out_features, *lora), None
+    if isinstance(module, QuantLinear) and module.qweight.data.device.type == "cpu":
+        return (module.qweight.data, module.bias, _QUANT_KIND, module.out_features, *lora), module
     return None
 
 
@@ -99,15 +113,19 @@ class CPUDecodeLoop:
             if (not isinstance(attn, LlamaAttention) or not isinstance(mlp, LlamaMLP) or attn.kv_cache is None
                     or layer.input_layernorm.eps != eps or layer.post_attention_layernorm.eps != eps):
                 return False
-            projs = []
-            for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+            projs, quant = [], []
+            for j, m in enumerate((attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)):
                 got = _proj_args(m)
                 if got is None:
                     return False
                 projs.append(got[0])
-                if got[1] is not None:
+                if isinstance(got[1], QuantLinear):
+                    quant.append((j, got[1].qweight))
+                elif got[1] is not None:
                     packed.append(got[1])
             loop.add_layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight, attn.kv_cache, projs)
+            for j, qw in quant:
+                loop.set_quant(loop.num_layers() - 1, j, *_quant_args(qw))
         self._loop, self._packed, self._versions = loop, packed, _versions(packed)
         return True
 

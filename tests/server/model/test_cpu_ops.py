@@ -328,15 +328,18 @@ def _run_engine(engine, adapters, names, use_loop: bool, seed: int = 8):
     return out
 
 
+@pytest.mark.parametrize("quantize", ["none", "q8_0", "q4_0", "int4", "nf4"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_decode_loop_is_bit_identical_to_the_layer_path(ext, dtype):
+def test_decode_loop_is_bit_identical_to_the_layer_path(ext, dtype, quantize):
     """The C++ DecodeLoop (all layers of a decode step in one call) against the Python layer loop
     over the same fused ops: same tokens and bit-identical logprobs, for base rows and several
-    adapters (two rows share one) in one batch."""
+    adapters (two rows share one) in one batch; on a float base and on quantized bases (the
+    loop's kind-4 projections call the same qgemm kernel as QuantLinear)."""
     from server.bench.engine import BenchAdapters, random_model
     from server.engine.builder import build_llm_engine
     from server.engine.config import LoRASettings, SchedulerConfig
-    loaded = random_model("tiny", dtype, "cpu")
+    from server.model.quant_linear import QuantLinear
+    loaded = random_model("tiny", dtype, "cpu", quantize)
     adapters = BenchAdapters(loaded)
     for i in range(3):
         adapters.add(f"ad{i}", 8, seed=20 + i)
@@ -352,6 +355,8 @@ def test_decode_loop_is_bit_identical_to_the_layer_path(ext, dtype):
     without = _run_engine(engine, adapters, names, False)
     assert all(len(toks) == 6 and len(lps) == 6 for toks, lps in with_loop.values())
     assert with_loop == without
+    quantized = [m for m in engine.runner.model.modules() if isinstance(m, QuantLinear)]
+    assert len(quantized) == (0 if quantize == "none" else 4 * 4 + (quantize != "nf4"))
 
 
 def test_decode_loop_is_rebuilt_when_the_model_changes(ext):
