@@ -103,6 +103,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--json", default=None, help="write one record per point to this file")
     p.add_argument("--quick", action="store_true", help="a smaller grid (CPU: under ~2 minutes)")
+    p.add_argument("--tiny", action="store_true",
+                   help="a few points only (make gpu-check: CUDA the target point, CPU a dry run)")
     p.add_argument("--dtypes", default=None, help="comma list (default: cpu float32,bfloat16; cuda bfloat16)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -116,6 +118,9 @@ def main(argv=None) -> int:
                                                           "reference"]
     if not cuda and args.quick:
         impls = ["auto", "kernel", "embbag", "gather", "segments", "dense", "loop"]
+    if args.tiny:  # CUDA: only the target point (hidden 4096, r16, batch 64, 1 vs 64 adapters)
+        batches, ranks, hiddens = ([64], [16], [4096]) if cuda else ([1, 8], [8], [576])
+        impls = ["triton", "loop"] if cuda else ["auto", "kernel", "reference"]
     bw = copy_bandwidth(args.device)
     print(f"device {args.device}: copy bandwidth {bw / 1e9:.1f} GB/s")
     records = []
@@ -123,7 +128,8 @@ def main(argv=None) -> int:
         for hidden in hiddens:
             for rank in ranks:
                 for bs in batches:
-                    for na in sorted({1, 8, 32, bs} if not args.quick else {1, 8, 32}):
+                    grid = {1, bs} if (args.tiny and cuda) else {1, 8, 32} if (args.quick or args.tiny) else {1, 8, 32, bs}
+                    for na in sorted(grid):
                         if na > bs:
                             continue
                         records += bench_point(args.device, dtype, bs, na, rank, hidden, bw, impls)
