@@ -158,11 +158,22 @@ class AdapterRegistry:
         """Remove `name`; wait (up to timeout_s) for its in-flight requests, run `remove()`, then retire
         its versions. Other names' uploads and deletes proceed meanwhile."""
         deadline = time.monotonic() + timeout_s
-        with self._admin, self._lock:
-            ref = self._current.pop(name, None)
+        with self._admin:
+            with self._lock:
+                ref = self._current.get(name)
             if ref is None:
                 raise AdapterNotFound(name)
-            self._deleting.add(name)
+            # Requests already running (or acquiring right now) may still need the weights for a slot
+            # load after the name is gone: keep them in memory until the version retires, as a replace does.
+            try:
+                weights = self.weights(ref)
+            except AdapterError:
+                weights = None  # unreadable: running requests fail their slot load, nothing else breaks
+            with self._lock:
+                self._current.pop(name, None)
+                if weights is not None:
+                    self._pinned.setdefault(ref.id, weights)
+                self._deleting.add(name)
         try:
             with self._lock:
                 versions = [r for r in self._live.values() if r.name == name]

@@ -57,3 +57,19 @@ def test_delete_waiting_for_requests_blocks_only_its_name(tmp_path):
     deleter.join(10)
     assert not errors and not deleter.is_alive()
     assert [r.name for r in manager.list()] == ["fresh"] and manager.store.list() == ["fresh"]
+
+
+def test_request_running_through_a_delete_still_gets_its_weights(tmp_path):
+    """Found by the soak: a request acquired before a DELETE whose adapter was not yet resident got
+    `not_found` at its slot load (the name was gone while the delete waited for it)."""
+    manager = AdapterManager(tmp_path, SPEC, LIMITS)
+    manager.upload("a", *make_adapter(seed=0))
+    ref = manager.acquire("a")
+    deleter = threading.Thread(target=manager.delete, args=("a", 30))
+    deleter.start()
+    time.sleep(0.2)  # the delete waits for the request; the name is gone
+    assert "a" not in manager.registry and deleter.is_alive()
+    assert manager.registry.weights(ref).sha256 == ref.sha256  # the slot load still works
+    manager.release(ref)
+    deleter.join(10)
+    assert not deleter.is_alive() and manager.store.list() == []
