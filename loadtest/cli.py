@@ -90,8 +90,25 @@ def build_parser() -> argparse.ArgumentParser:
            "adapter churn on adapters in use (--churn ops/s, default 0.5), bad uploads; reports RSS, open "
            "descriptors, threads and p99 after --soak-warmup and at the end, and the KV blocks once drained")
     a("--soak-warmup", type=float, default=60.0, metavar="SECONDS", help="soak warm-up (default 60)")
+    a("--burst", type=int, default=None, metavar="N",
+      help="overload check instead of a sweep: N requests at once on top of steady traffic (first --concurrency "
+           "level, --duration seconds per phase, default 30); statuses, steady p99 with and without the burst, RSS")
     a("--debug", action="store_true", help="show tracebacks")
     return p
+
+
+def _burst(args) -> int:
+    from loadtest.burst import BurstConfig, format_burst, run_burst, write_burst
+
+    cfg = config_from_args(args)
+    burst = BurstConfig(url=cfg.url, burst=args.burst, concurrency=cfg.concurrency[0],
+                        phase_s=args.duration or 30.0, prompt_tokens=_typical(args.prompt_tokens),
+                        max_tokens=_typical(args.max_tokens), token_range=cfg.token_range, api_key=cfg.api_key,
+                        timeout_s=args.timeout, seed=args.seed)
+    result = asyncio.run(run_burst(burst))
+    print(format_burst(result))
+    print(f"wrote {write_burst(result, args.out)}")
+    return 0 if result["passed"] else 1
 
 
 def _typical(dist: LengthDist) -> int:
@@ -195,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
             return _compare(args.compare, args.out)
         if args.soak is not None:
             return _soak(args)
+        if args.burst is not None:
+            return _burst(args)
         return _run(config_from_args(args), args.out, plots=not args.no_plots)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted (uploaded adapters were deleted)", file=sys.stderr)
