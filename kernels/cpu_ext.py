@@ -3,8 +3,8 @@
     bgmv(y, x, a_tab, b_tabs, offs, scaling, slots, r)   LoRA: in place on y, rows with slot -1 untouched
     rms_norm / rotary_ / silu_and_mul / kv_write / decode_attention
                                                           the decode step's non-linear ops, used by the
-                                                          model through server/model/cpu_ops.py
-    argmax_rows(x)                                        the sampler's greedy pick (server/sampler.py)
+                                                          model through server/model/cpu_ops.py (module substitutions)
+    argmax_rows(x)                                        the sampler's greedy pick (server/engine/sampler.py)
     DecodeLoop                                            all layers of a decode step in one call
 
 Why C++: at decode each LoRA projection is a few thousand multiply-adds per row, so the torch
