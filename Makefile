@@ -44,7 +44,7 @@ test: $(STAMP) lint
 # use no torch API beyond 2.11). A small second venv: torch, triton, pytest; the repo via PYTHONPATH.
 VENV36 := .venv-triton36
 STAMP36 := $(VENV36)/.loramux-installed
-TRITON36_TESTS := tests/kernels/test_triton_sgmv.py tests/kernels/test_triton_attention.py
+TRITON36_TESTS := tests/kernels/test_triton_sgmv.py tests/kernels/test_triton_attention.py tests/kernels/test_triton_qmatmul.py
 
 $(STAMP36):
 	test -x $(VENV36)/bin/python || $(PYTHON) -m venv $(VENV36)
