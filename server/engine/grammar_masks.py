@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -43,6 +44,11 @@ class GrammarMasks:
         self._matchers: dict[str, object] = {}  # request id -> llguidance.LLMatcher
         self._pool: ThreadPoolExecutor | None = None  # one worker, made on first use
         self._executor = None  # llguidance.LLExecutor, made on first use
+        # Counters (server/bench/structured.py reads them): steps with masks, seconds the worker spent
+        # filling them, seconds the step waited for them after the forward pass (0 = fully hidden).
+        self.steps = 0
+        self.fill_s = 0.0
+        self.wait_s = 0.0
 
     def forget(self, request_id: str) -> None:
         self._matchers.pop(request_id, None)
@@ -73,7 +79,9 @@ class GrammarMasks:
 
         def fill() -> None:
             started.set()
+            t0 = time.perf_counter()
             self._executor.unsafe_compute_mask_ptr(pairs, bitmask.ctypes.data, width * 4, len(requests))
+            self.fill_s += time.perf_counter() - t0
 
         future = self._pool.submit(fill)
         # Let the worker reach llguidance (which releases the GIL) before the forward pass takes it:
@@ -85,7 +93,10 @@ class GrammarMasks:
         """The step's bitmask as an int32 tensor [N, W] (None when no row is structured)."""
         if pending is None:
             return None
+        t0 = time.perf_counter()
         pending.future.result()
+        self.wait_s += time.perf_counter() - t0
+        self.steps += 1
         bm = pending.bitmask
         # A matcher in an error state allows nothing; let it end with EOS rather than sample garbage.
         empty = [i for i in pending.guided if not bm[i].any()]

@@ -51,7 +51,7 @@ class GrammarError(ValueError):
 @dataclass(frozen=True, slots=True)
 class GuideSpec:
     """What the user asked the output to match. `source` is the canonical text (schemas re-dumped
-    with sorted keys, so equal schemas share one cache entry)."""
+    compactly, so equal schemas share one cache entry; key order is kept: it is the output's order)."""
 
     kind: str  # one of KINDS
     source: str
@@ -65,7 +65,7 @@ class GuideSpec:
     def json_schema(cls, schema: Any, param: str) -> GuideSpec:
         if not isinstance(schema, dict):
             raise GrammarError(f"{param}: the JSON schema must be an object", param)
-        return cls("json_schema", json.dumps(schema, sort_keys=True, separators=(",", ":")), param)
+        return cls("json_schema", json.dumps(schema, separators=(",", ":")), param)
 
 
 @dataclass(frozen=True, eq=False, slots=True)
