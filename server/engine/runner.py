@@ -78,9 +78,9 @@ class ModelRunner:
         if sched_out.adapter_keys:
             if self.slot_pool is None:
                 raise RuntimeError("a request names an adapter but LoRA is not enabled")
-            refs = {sr.request.adapter_key: sr.request.adapter for sr in sched_out.scheduled
-                    if sr.request.adapter is not None}
-            slots = self.slot_pool.prepare([refs[k] for k in sorted(sched_out.adapter_keys)])
+            # The requests carry their refs: the step's distinct adapters, in a stable order.
+            refs = {sr.request.adapter for sr in sched_out.scheduled if sr.request.adapter is not None}
+            slots = self.slot_pool.prepare(sorted(refs, key=lambda r: r.id))
 
         def slot_of(sr: ScheduledRequest) -> int:
             key = sr.request.adapter_key
