@@ -79,9 +79,11 @@ async def compile_guide(engine: EngineClient, spec: GuideSpec | None) -> Compile
     if not hasattr(tok, "tok"):  # a tokenizer llguidance cannot read (tests' byte tokenizer)
         raise bad_request(f"{spec.param}: structured output is not available for this model",
                           param=spec.param, code="unsupported")
+    def compile_() -> CompiledGrammar:  # the first call also builds the tokenizer's index (~1 s)
+        return compiler_for(tok, tok.vocab_size).compile(spec)
+
     try:
-        compiler = compiler_for(tok, tok.vocab_size)
-        return await asyncio.wait_for(run_in_threadpool(compiler.compile, spec), COMPILE_TIMEOUT_S)
+        return await asyncio.wait_for(run_in_threadpool(compile_), COMPILE_TIMEOUT_S)
     except GrammarError as exc:
         raise bad_request(str(exc), param=exc.param, code="invalid_grammar") from None
     except asyncio.TimeoutError:  # TimeoutError itself from 3.11

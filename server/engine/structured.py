@@ -136,11 +136,17 @@ def _short(message: str, limit: int = 300) -> str:
     return message if len(message) <= limit else message[: limit - 3] + "..."
 
 
+_MAKE_LOCK = threading.Lock()  # one compiler per tokenizer, even when the first requests race
+
+
 def compiler_for(tokenizer: Any, vocab_size: int) -> GrammarCompiler:
     """The compiler of an engine's tokenizer (server/model/tokenizer.py::Tokenizer), made once and kept
     on the tokenizer object itself (one tokenizer per engine)."""
     existing = getattr(tokenizer, "_grammar_compiler", None)
     if existing is None:
-        existing = GrammarCompiler(tokenizer.tok.to_str(), tuple(tokenizer.eos_token_ids), vocab_size)
-        tokenizer._grammar_compiler = existing
+        with _MAKE_LOCK:
+            existing = getattr(tokenizer, "_grammar_compiler", None)
+            if existing is None:
+                existing = GrammarCompiler(tokenizer.tok.to_str(), tuple(tokenizer.eos_token_ids), vocab_size)
+                tokenizer._grammar_compiler = existing
     return existing

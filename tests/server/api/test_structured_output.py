@@ -25,7 +25,8 @@ DEMO = Path(__file__).resolve().parents[3] / "adapters" / "demo"
 ADAPTERS = ("caps", "json", "onesentence", "pirate")
 MODELS = ("base", *ADAPTERS)
 
-pytestmark = pytest.mark.timeout(600)
+# About 10 minutes on the shared 2-core machine (the 100-request burst dominates): marked slow.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +124,7 @@ def test_hundred_requests_ten_schemas_mixed_adapters_all_validate(server):
         choice = r.json()["choices"][0]
         return schema, choice["message"]["content"], choice["finish_reason"]
 
-    with ThreadPoolExecutor(32) as pool:
+    with ThreadPoolExecutor(50) as pool:  # up to 50 rows per step (the server's batch cap is 64)
         results = list(pool.map(one, range(100)))
     for schema, text, reason in results:
         assert reason == "stop", text
