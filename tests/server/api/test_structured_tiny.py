@@ -82,3 +82,18 @@ def test_streamed_structured_output(live):
     text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
     jsonschema.validate(json.loads(text), SCHEMAS[1])
+
+
+def test_logit_bias_penalties_and_echo(live):
+    base = {"prompt": "Hi", "max_tokens": 3, "temperature": 0}
+    a_id = str(live.engine.tokenizer.encode("A", add_special_tokens=False)[0])
+    r = _post(live, "/v1/completions", {**base, "logit_bias": {a_id: 100}}).json()
+    assert r["choices"][0]["text"] == "AAA"
+    r = _post(live, "/v1/completions", {**base, "logit_bias": {a_id: 100}, "echo": True, "stream": False}).json()
+    assert r["choices"][0]["text"] == "HiAAA"
+    # a frequency penalty of 2 per repeat undoes a bias of +5 after a few 'A's
+    r = _post(live, "/v1/completions", {**base, "max_tokens": 6, "logit_bias": {a_id: 5.0},
+                                        "frequency_penalty": 2.0}).json()
+    assert r["choices"][0]["text"].count("A") < 6
+    r = _post(live, "/v1/completions", {**base, "echo": True, "logprobs": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
