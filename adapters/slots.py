@@ -17,11 +17,13 @@ writes the buffers.
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import torch
 
+from adapters.load_times import LoadTimes
 from adapters.spec import FUSED_GROUPS, MODULE_INDEX, MODULES, BaseModelSpec
 from adapters.validate import LoadedAdapter
 from kernels.layout import alloc_lora_a, alloc_lora_b
@@ -70,6 +72,7 @@ class SlotPool:
         self._ref_of: dict[int, object] = {}  # slot -> ref resident there
         self._host: OrderedDict[int, LoadedAdapter] = OrderedDict()  # ref id -> weights, LRU
         self.loads = self.evictions = self.hits = 0
+        self.load_times = LoadTimes()  # seconds per load into a slot, by source (host cache | disk)
 
     # --- views for the LoRA-aware linears -----------------------------------------------------
     def a_views(self, layer: int, modules: Sequence[str]) -> list[torch.Tensor]:
@@ -129,6 +132,9 @@ class SlotPool:
 
     def _load(self, ref, slot: int) -> None:
         """Copy one adapter into `slot`: one host->device copy per module buffer."""
+        t0 = time.perf_counter()
+        with self._lock:
+            source = "host" if ref.id in self._host else "disk"
         loaded = self._host_get(ref)
         if loaded.max_rank > self.max_rank:
             raise ValueError(f"adapter {loaded.name!r} rank {loaded.max_rank} > pool max_rank {self.max_rank}")
@@ -153,6 +159,7 @@ class SlotPool:
             self._slot_of.move_to_end(ref.id)
             self._ref_of[slot] = ref
             self.loads += 1
+        self.load_times.observe(source, time.perf_counter() - t0)
 
     def _host_get(self, ref) -> LoadedAdapter:
         with self._lock:

@@ -22,7 +22,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
@@ -82,6 +82,16 @@ class EngineCollector:
         for key, (name, doc) in _COUNTERS.items():
             if key in stats:
                 yield CounterMetricFamily(name, doc, value=float(stats[key]))
+        loads = stats.get("adapter_load_seconds")
+        if loads:  # cold loads (disk) vs host-cache loads into device slots
+            hist = HistogramMetricFamily("loramux_adapter_load_seconds",
+                                         "Seconds to load an adapter into a device slot, by source (host cache | disk)",
+                                         labels=["source"])
+            bounds = [str(b) for b in loads["buckets"]] + ["+Inf"]
+            for source in ("host", "disk"):
+                h = loads[source]
+                hist.add_metric([source], buckets=list(zip(bounds, h["cumulative"], strict=True)), sum_value=h["sum"])
+            yield hist
         info = GaugeMetricFamily(
             "loramux_lora_requests_info", "Running and waiting adapters (value: scrape time)",
             labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])

@@ -196,6 +196,7 @@ class AsyncEngine:
                 "slots_total": pool.num_slots if pool is not None else 0,
                 "adapter_loads": pool.loads if pool is not None else 0,
                 "adapter_evictions": pool.evictions if pool is not None else 0,
+                "adapter_load_seconds": pool.load_times.snapshot() if pool is not None else None,
                 "preemptions": sched.num_preemptions,
                 "prompt_tokens": c.prompt_tokens,
                 "generation_tokens": c.generation_tokens,

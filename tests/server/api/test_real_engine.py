@@ -286,6 +286,8 @@ def test_metrics_after_traffic(world):
     assert _metric(text, "loramux_generation_tokens_total") <= stats["generation_tokens"]
     assert _metric(text, "loramux_adapter_slots_total") == stats["slots_total"] == 4
     assert 'loramux_e2e_request_latency_seconds_count{adapter="alpha"}' in text
+    # alpha was loaded into a slot at least once: a cold load (from the store) is in the load histogram
+    assert _metric(text, 'loramux_adapter_load_seconds_count{source="disk"}') >= 1
 
 
 def test_models_report_cpu_fast_paths(world):
