@@ -53,7 +53,9 @@ def _cpu_tag() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-STALE_LOCK_S = 300  # a build takes about a minute; an older lock was left by a process killed mid-build
+# A build takes 1-6 minutes on 2 quiet cores and over 20 when they are shared; a lock older than this was left
+# by a process killed mid-build (a shorter limit made busy machines delete live locks and compile twice).
+STALE_LOCK_S = 1800
 
 
 def _clear_stale_lock(lock: Path, max_age_s: float = STALE_LOCK_S) -> bool:

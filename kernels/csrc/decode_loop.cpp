@@ -200,7 +200,8 @@ void bind_decode_loop(pybind11::module& m) {
       .def("add_layer", &DecodeLoop::add_layer)
       .def("num_layers", &DecodeLoop::num_layers)
       .def("set_quant", &DecodeLoop::set_quant)
-      .def("forward", &DecodeLoop::forward);
+      // All layers of a step without the GIL: the structured-output mask worker runs beside it.
+      .def("forward", &DecodeLoop::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
 
 }  // namespace loramux
