@@ -52,7 +52,8 @@ def test_demo_adapters_on_quantized_base_equal_peft_on_dequantized_base(tmp_path
             expected.append(out[0, len(ids):].tolist())
     del peft_model, dequantized
 
-    loaded = load_model("default", "float32", "cpu", quantize="auto")
+    # the file itself (with --model default, `auto` dequantizes the embedded model: docs/quantization.md)
+    loaded = load_model(str(default_model_path()), "float32", "cpu", quantize="auto")
     manager = AdapterManager(tmp_path, base_spec(loaded), ValidationLimits(max_rank=16))
     assert manager.load_all() == []
     engine = build_llm_engine(loaded, manager=manager, scheduler=SchedulerConfig(max_num_seqs=8),
