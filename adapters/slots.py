@@ -96,6 +96,20 @@ class SlotPool:
         with self._lock:
             return dict(self._slot_of)
 
+    def level(self, ref_id: int) -> str | None:
+        """Where a version is held now: "device" (a slot), "host" (the host LRU only) or None."""
+        with self._lock:
+            if ref_id in self._slot_of:
+                return "device"
+            return "host" if ref_id in self._host else None
+
+    def levels(self) -> dict[str, str]:
+        """Adapter name -> the highest level any of its versions is held at ("device" | "host")."""
+        with self._lock:
+            out = {loaded.name: "host" for loaded in self._host.values()}
+            out.update({ref.name: "device" for ref in self._ref_of.values()})
+        return out
+
     def prepare(self, refs: Sequence) -> dict[int, int]:
         """Make every ref resident; returns ref.id -> slot. Never evicts a ref of this call."""
         wanted = {r.id: r for r in refs}

@@ -37,6 +37,10 @@ def _load_factory(spec: str) -> Callable[[ServerSettings], object]:
 def _serve(ns: argparse.Namespace) -> int:
     settings = ServerSettings.from_namespace(ns)
     logging.basicConfig(level=settings.log_level.upper(), format="%(message)s", stream=sys.stderr)
+    if settings.replicas > 1 or settings.ray_address:
+        from server.cluster.app import run_cluster  # imports Ray; the single server never does
+
+        return run_cluster(settings)
     if settings.engine_factory:
         factory = _load_factory(settings.engine_factory)
     else:

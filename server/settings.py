@@ -34,6 +34,8 @@ class ServerSettings:
     max_num_batched_tokens: int = 2048  # per-step token budget (prefill chunks + decodes)
     max_lora_rank: int = 16  # slot buffers are padded to this rank (vLLM default): raise it for bigger adapters
     kv_cache_tokens: int | None = None  # None: sized automatically from free memory
+    prefix_caching: str = "on"  # reuse the KV of cached block-aligned prompt prefixes (per adapter version)
+    max_model_len: int | None = None  # None: the model's context, lowered (with a warning) to what the KV cache holds
     device: str = "auto"
     dtype: str = "auto"
     quantize: str = "auto"  # base weights kept quantized: see docs/quantization.md
@@ -52,6 +54,9 @@ class ServerSettings:
     unload_timeout_s: float = 30.0
     step_stall_s: float = 60.0  # /ready turns 503 when the step loop makes no progress this long
     log_level: str = "info"
+    # scale-out on Ray Serve (server/cluster/, docs/ray.md): 1 without an address = the single server
+    replicas: int = 1
+    ray_address: str | None = None  # join this Ray cluster; None: start a local Ray in-process
     # Hidden test hook "module:callable" building an EngineClient from settings (see server/cli.py).
     engine_factory: str | None = None
 
@@ -72,6 +77,10 @@ class ServerSettings:
                              "so every running sequence can decode in one step")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < 1:
             raise ValueError("--kv-cache-tokens: must be >= 1")
+        if self.prefix_caching not in ("on", "off"):
+            raise ValueError("--prefix-caching: must be on or off")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError("--max-model-len: must be >= 2 (or auto)")
         if not (0 <= self.max_logprobs <= 20):
             raise ValueError("--max-logprobs: must be in [0, 20]")
         if self.max_stop < 0:
@@ -85,6 +94,8 @@ class ServerSettings:
             raise ValueError(f"--dtype: must be one of {', '.join(DTYPES)}")
         if self.quantize not in QUANTIZE:
             raise ValueError(f"--quantize: must be one of {', '.join(QUANTIZE)}")
+        if self.replicas < 1:
+            raise ValueError("--replicas: must be >= 1")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"--log-level: must be one of {', '.join(LOG_LEVELS)}")
         for name in ("api_key", "admin_key"):
@@ -141,6 +152,11 @@ _FLAGS: list[tuple[str, object, str]] = [
     ("max-num-batched-tokens", int, "per-step token budget (prefill chunks + decodes); >= --max-batch-size"),
     ("max-lora-rank", int, "largest accepted LoRA rank"),
     ("kv-cache-tokens", _opt_int, "KV cache capacity in tokens (auto: from free memory)"),
+    ("prefix-caching", str, "on | off: keep the KV of finished requests' full blocks and reuse the longest "
+     "cached prefix of a new prompt; keyed by the adapter version's content hash, so adapters never "
+     "share KV (docs/long_context.md)"),
+    ("max-model-len", _opt_int, "longest prompt + max_tokens (auto: the model's context, lowered with a "
+     "warning to what the KV cache holds)"),
     ("device", str, "auto | cpu | cuda"),
     ("dtype", str, "auto | float32 | bfloat16 | float16"),
     ("quantize", str, "base weights kept quantized in memory: auto (a GGUF file's own Q8_0/Q4_0/Q4_1 "
@@ -159,6 +175,10 @@ _FLAGS: list[tuple[str, object, str]] = [
     ("unload-timeout-s", float, "seconds DELETE /v1/adapters/{name} waits for in-flight requests"),
     ("step-stall-s", float, "/ready fails when the step loop is stuck this long"),
     ("log-level", str, "critical | error | warning | info | debug"),
+    ("replicas", int, "engine replicas behind one API, on Ray Serve (needs `pip install loramux[ray]`; "
+     "docs/ray.md). 1 (default) without --ray-address: the single-process server"),
+    ("ray-address", _opt_str, "join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting a "
+     "local Ray in-process; the adapter dir must be one directory every node reads (a shared filesystem)"),
 ]
 
 

@@ -100,6 +100,59 @@ class EngineCollector:
                          str(stats.get("slots_total", self.state.settings.max_adapters_per_batch or 0))],
                         time.time())
         yield info
+        yield from lora_affinity_metrics(stats, self.state.settings.max_adapters_per_batch or 0)
+
+
+def _bounded(names) -> list[str]:
+    """At most MAX_ADAPTER_SERIES names (sorted), the rest folded into "other"."""
+    names = sorted(set(names))
+    return names if len(names) <= MAX_ADAPTER_SERIES else [*names[:MAX_ADAPTER_SERIES], OTHER]
+
+
+def lora_affinity_metrics(stats: dict, default_slots: int):
+    """What routers outside us read for LoRA affinity (docs/ray.md), from engine.stats():
+    - `lora_requests_info` (unprefixed; vLLM's `vllm:lora_requests_info` label set, read by the Gateway
+      API inference extension's endpoint picker): running / waiting adapter names comma-joined,
+      `max_lora` = device slots, value = scrape time;
+    - `loramux_adapter_resident{adapter, level}`: replicas holding the adapter in a device slot or
+      only in the host cache (stats "adapter_residency": name -> level, or name -> {level: count});
+    - `loramux_adapter_requests_total{resident}`: adapter requests by where their adapter was held
+      when they arrived (device | host | cold): the affinity fraction is (device + host) / all.
+    Every per-adapter label stays within MAX_ADAPTER_SERIES names (the rest count as "other")."""
+    info = GaugeMetricFamily("lora_requests_info", "Running and waiting LoRA adapters (value: scrape time)",
+                             labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+    info.add_metric([str(stats.get("slots_total", default_slots)),
+                     ",".join(_bounded(stats.get("running_adapters", []))),
+                     ",".join(_bounded(stats.get("waiting_adapters", [])))], time.time())
+    yield info
+    residency = stats.get("adapter_residency")
+    if residency is not None:
+        counts: dict[tuple[str, str], float] = {}
+        # Device-resident names first, so that the bounded series go to the adapters routers care most about.
+        order = sorted(residency, key=lambda n: (0 if "device" in _levels(residency[n]) else 1, n))
+        keep = set(order[:MAX_ADAPTER_SERIES])
+        for name in order:
+            for level, n in _levels(residency[name]).items():
+                key = (name if name in keep else OTHER, level)
+                counts[key] = counts.get(key, 0.0) + n
+        gauge = GaugeMetricFamily("loramux_adapter_resident",
+                                  "Replicas holding the adapter, by level (device slot | host cache)",
+                                  labels=["adapter", "level"])
+        for (name, level), n in sorted(counts.items()):
+            gauge.add_metric([name, level], n)
+        yield gauge
+    arrivals = stats.get("adapter_arrivals")
+    if arrivals is not None:
+        counter = CounterMetricFamily("loramux_adapter_requests",
+                                      "Adapter requests by where the adapter was held when they arrived",
+                                      labels=["resident"])
+        for level in ("device", "host", "cold"):
+            counter.add_metric([level], float(arrivals.get(level, 0)))
+        yield counter
+
+
+def _levels(value) -> dict[str, float]:
+    return {value: 1.0} if isinstance(value, str) else {k: float(v) for k, v in value.items()}
 
 
 def _os_threads() -> float | None:

@@ -29,6 +29,7 @@ from server.engine.outputs import CompletionDelta
 from server.engine.sampling_params import SamplingParams
 
 log = logging.getLogger("loramux.engine")
+RESIDENCY_LEVELS = ("device", "host", "cold")  # device slot | host cache | neither (read from the store)
 
 
 class _Collector:
@@ -85,6 +86,8 @@ class AsyncEngine:
         self._ready = False
         self.last_step_time = time.monotonic()
         self.step_error: str | None = None
+        # Adapter requests by where their adapter was held when they arrived (the affinity metric).
+        self.arrivals = dict.fromkeys(RESIDENCY_LEVELS, 0)
 
     # --- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -151,6 +154,9 @@ class AsyncEngine:
             raise RuntimeError("engine is not running")
         loop = asyncio.get_running_loop()
         collectors = [_Collector() for _ in jobs]
+        level = self.adapter_level(adapter) if adapter is not None else None
+        if level is not None:
+            self.arrivals[level] += 1
         with self._lock:
             self.engine.add_requests(jobs, adapter)
             for (rid, _, _), collector in zip(jobs, collectors, strict=True):
@@ -178,6 +184,17 @@ class AsyncEngine:
             self.engine.abort(request_id)
             self._wake.notify_all()
 
+    def adapter_level(self, ref: AdapterRef) -> str | None:
+        """Where `ref` is held now (device | host | cold), counted at each arrival; None: not counted
+        here (a cluster replica counts before its own loader runs, server/cluster/engine_replica.py)."""
+        pool = self.engine.runner.slot_pool
+        return (pool.level(ref.id) if pool is not None else None) or "cold"
+
+    def adapter_levels(self) -> dict[str, str]:
+        """Adapter name -> "device" | "host" for every adapter held now (the residency gauge)."""
+        pool = self.engine.runner.slot_pool
+        return pool.levels() if pool is not None else {}
+
     def stats(self) -> dict[str, Any]:
         eng = self.engine
         with self._lock:
@@ -204,6 +221,8 @@ class AsyncEngine:
                 "scheduled_sequences": c.scheduled_sequences,
                 "running_adapters": running,
                 "waiting_adapters": waiting,
+                "adapter_residency": self.adapter_levels(),
+                "adapter_arrivals": dict(self.arrivals),
                 "step_loop_alive": self._loop_alive(),
                 "last_step_age_s": time.monotonic() - self.last_step_time,
             }
