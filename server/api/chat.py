@@ -81,7 +81,7 @@ async def _collect(runner: gen.ChoiceRunner, head: dict, decode) -> dict:
     choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
                 "logprobs": None if lps[i] is None else {"content": lps[i]},
                 "finish_reason": reasons[i]} for i in range(n)]
-    return {**head, "choices": choices, "usage": usage(runner.prompt_tokens, runner.total_completion_tokens)}
+    return {**head, "choices": choices, "usage": usage(runner.prompt_tokens, runner.total_completion_tokens, runner.cached_tokens)}
 
 
 async def _sse(runner: gen.ChoiceRunner, head: dict, decode, include_usage: bool):
@@ -103,5 +103,5 @@ async def _sse(runner: gen.ChoiceRunner, head: dict, decode, include_usage: bool
             yield sse({**head, "choices": [{"index": index, "delta": {}, "logprobs": None,
                                             "finish_reason": delta.finish_reason}]})
     if include_usage:
-        yield sse({**head, "choices": [], "usage": usage(runner.prompt_tokens, runner.total_completion_tokens)})
+        yield sse({**head, "choices": [], "usage": usage(runner.prompt_tokens, runner.total_completion_tokens, runner.cached_tokens)})
     yield DONE

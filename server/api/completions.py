@@ -111,7 +111,7 @@ async def _collect(runner: gen.ChoiceRunner, head: dict, decode, echo: list[str]
             reasons[index] = delta.finish_reason
     choices = [{"text": texts[i], "index": i, "logprobs": merge_completion_logprobs(lp_parts[i]),
                 "finish_reason": reasons[i]} for i in range(n)]
-    return {**head, "choices": choices, "usage": usage(runner.prompt_tokens, runner.total_completion_tokens)}
+    return {**head, "choices": choices, "usage": usage(runner.prompt_tokens, runner.total_completion_tokens, runner.cached_tokens)}
 
 
 async def _sse(runner: gen.ChoiceRunner, head: dict, decode, include_usage: bool, echo: list[str] | None = None):
@@ -129,5 +129,5 @@ async def _sse(runner: gen.ChoiceRunner, head: dict, decode, include_usage: bool
                   "finish_reason": delta.finish_reason if delta.finished else None}
         yield sse({**head, "choices": [choice]})
     if include_usage:
-        yield sse({**head, "choices": [], "usage": usage(runner.prompt_tokens, runner.total_completion_tokens)})
+        yield sse({**head, "choices": [], "usage": usage(runner.prompt_tokens, runner.total_completion_tokens, runner.cached_tokens)})
     yield DONE

@@ -173,7 +173,7 @@ class ChoiceRunner:
         self.adapter_label = adapter_label
         self.metrics = metrics
         self.arrival = time.monotonic()
-        n = params.n
+        self.n = n = params.n
         self.jobs = []  # (choice index, engine request id, prompt ids, per-choice params)
         for p, ids in enumerate(prompts):
             for j in range(n):
@@ -183,6 +183,7 @@ class ChoiceRunner:
         self.prompt_tokens = sum(len(ids) for ids in prompts)
         self.finished: set[int] = set()
         self.completion_tokens: dict[int, int] = {}
+        self.cached: dict[int, int] = {}  # choice index -> prompt tokens its request found in the prefix cache
         self._queue: asyncio.Queue = asyncio.Queue(maxsize=len(self.jobs))  # one slot per producer
         self._tasks: list[asyncio.Task] = []
         self._streams: list | None = None
@@ -231,14 +232,28 @@ class ChoiceRunner:
                     self.metrics.observe_ttft(self.adapter_label, now - self.arrival)
                 last[index] = now
             self.completion_tokens[index] = max(self.completion_tokens.get(index, 0), delta.completion_tokens)
+            self.cached[index] = max(self.cached.get(index, 0), delta.cached_tokens)
             if delta.finished:
                 self.finished.add(index)
                 self.metrics.observe_e2e(self.adapter_label, now - self.arrival)
+                if delta.finish_reason != "error":
+                    self.metrics.observe_prefix_cache(self.adapter_label, len(self.jobs[index][2]),
+                                                      self.cached[index])
             yield index, delta
 
     @property
     def total_completion_tokens(self) -> int:
         return sum(self.completion_tokens.values())
+
+    @property
+    def cached_tokens(self) -> int:
+        """Cached prompt tokens for usage: per prompt (counted once, like prompt_tokens), the most any
+        of its n choices found cached."""
+        per_prompt: dict[int, int] = {}
+        for index, *_ in self.jobs:
+            p = index // self.n  # choices are prompt-major: index = prompt * n + j
+            per_prompt[p] = max(per_prompt.get(p, 0), self.cached.get(index, 0))
+        return sum(per_prompt.values())
 
     def close(self) -> None:
         """Synchronous and idempotent: safe in any `finally`, even inside a cancelled scope."""

@@ -21,7 +21,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -44,6 +44,9 @@ _COUNTERS = {
     "steps": ("loramux_engine_steps", "Engine steps run"),
     "scheduled_sequences": ("loramux_scheduled_sequences",
                             "Sum over steps of sequences in the step (mean batch = delta / delta steps)"),
+    "prefix_cache_queries": ("loramux_prefix_cache_queries", "Prompt tokens looked up in the prefix cache"),
+    "prefix_cache_hits": ("loramux_prefix_cache_hits", "Prompt tokens whose KV the prefix cache held"),
+    "prefix_cache_evictions": ("loramux_prefix_cache_evictions", "Cached KV blocks given up for new ones"),
 }
 _GAUGES = {
     "running": ("loramux_requests_running", "Requests in the running batch"),
@@ -73,6 +76,13 @@ class EngineCollector:
         used, total = stats.get("kv_blocks_used"), stats.get("kv_blocks_total")
         if used is not None:
             yield GaugeMetricFamily("loramux_kv_blocks_used", "KV cache blocks in use", value=float(used))
+        queries = stats.get("prefix_cache_queries")
+        if queries is not None:
+            yield GaugeMetricFamily("loramux_prefix_cache_hit_rate",
+                                    "Prompt tokens found cached / looked up, since start (0 before any)",
+                                    value=float(stats.get("prefix_cache_hits", 0)) / queries if queries else 0.0)
+            yield GaugeMetricFamily("loramux_prefix_cache_blocks", "KV blocks registered in the prefix cache",
+                                    value=float(stats.get("prefix_cache_blocks", 0)))
         threads = _os_threads()
         if threads is not None:
             yield GaugeMetricFamily("loramux_process_threads", "OS threads of the server process", value=threads)
@@ -182,6 +192,18 @@ class Metrics:
                              ["adapter"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.http = Counter("loramux_http_requests", "HTTP requests by route template and status",
                             ["route", "status"], registry=self.registry)
+        # Prefix cache per adapter (engine-wide totals come from engine.stats()): prompt tokens looked
+        # up and found, and their ratio since the series started.
+        self.cache_queries = Counter("loramux_adapter_prefix_cache_queries",
+                                     "Prompt tokens looked up in the prefix cache, by adapter", ["adapter"],
+                                     registry=self.registry)
+        self.cache_hits = Counter("loramux_adapter_prefix_cache_hits",
+                                  "Prompt tokens found in the prefix cache, by adapter", ["adapter"],
+                                  registry=self.registry)
+        self.cache_hit_rate = Gauge("loramux_adapter_prefix_cache_hit_rate",
+                                    "Prompt tokens found / looked up in the prefix cache, by adapter", ["adapter"],
+                                    registry=self.registry)
+        self._cache_totals: dict[str, list[float]] = {}  # adapter label -> [queries, hits]
 
         self._series: OrderedDict[str, float] = OrderedDict()  # adapter label -> last observed (LRU order)
         self._lock = threading.Lock()
@@ -211,7 +233,8 @@ class Metrics:
 
     def _remove(self, adapter: str) -> None:
         self._series.pop(adapter, None)
-        for hist in (self.ttft, self.itl, self.e2e):
+        self._cache_totals.pop(adapter, None)
+        for hist in (self.ttft, self.itl, self.e2e, self.cache_queries, self.cache_hits, self.cache_hit_rate):
             with contextlib.suppress(KeyError):  # never observed in this histogram
                 hist.remove(adapter)
 
@@ -223,6 +246,17 @@ class Metrics:
 
     def observe_e2e(self, adapter: str, seconds: float) -> None:
         self.e2e.labels(self.label(adapter)).observe(seconds)
+
+    def observe_prefix_cache(self, adapter: str, prompt_tokens: int, cached_tokens: int) -> None:
+        label = self.label(adapter)
+        self.cache_queries.labels(label).inc(prompt_tokens)
+        self.cache_hits.labels(label).inc(cached_tokens)
+        with self._lock:
+            totals = self._cache_totals.setdefault(label, [0.0, 0.0])
+            totals[0] += prompt_tokens
+            totals[1] += cached_tokens
+            rate = totals[1] / totals[0] if totals[0] else 0.0
+        self.cache_hit_rate.labels(label).set(rate)
 
     def count_http(self, route: str, status: int) -> None:
         self.http.labels(route, str(status)).inc()

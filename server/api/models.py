@@ -23,7 +23,8 @@ router = APIRouter(dependencies=[InferenceAuth], tags=["models"])
 
 def base_entry(engine: EngineClient, created: int) -> dict[str, Any]:
     return {"id": engine.model_name, "object": "model", "created": created, "owned_by": "loramux",
-            "parent": None, "root": engine.model_name, "loramux": engine.model_info()}
+            "parent": None, "root": engine.model_name, "max_model_len": engine.max_model_len,
+            "loramux": engine.model_info()}
 
 
 def adapter_entry(engine: EngineClient, info: AdapterRef) -> dict[str, Any]:

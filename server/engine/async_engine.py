@@ -215,6 +215,10 @@ class AsyncEngine:
                 "adapter_evictions": pool.evictions if pool is not None else 0,
                 "adapter_load_seconds": pool.load_times.snapshot() if pool is not None else None,
                 "preemptions": sched.num_preemptions,
+                "prefix_cache_queries": sched.prefix_cache_queries,  # prompt tokens looked up
+                "prefix_cache_hits": sched.prefix_cache_hits,  # of which found cached
+                "prefix_cache_blocks": bm.num_cached_blocks,
+                "prefix_cache_evictions": bm.num_evictions,
                 "prompt_tokens": c.prompt_tokens,
                 "generation_tokens": c.generation_tokens,
                 "steps": c.steps,

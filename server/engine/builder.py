@@ -68,6 +68,16 @@ def model_info(loaded: LoadedModel, max_lora_rank: int) -> dict:
     }
 
 
+def kv_cache_info(engine: LLMEngine) -> dict:
+    """The KV cache as operators size it (`GET /v1/models`): bytes per token (all layers, K and V),
+    capacity, block size, the resolved max model length and whether prefix caching is on."""
+    runner, bm = engine.runner, engine.scheduler.block_manager
+    per_block = kv_bytes_per_block(runner.model, bm.block_size, runner.dtype)
+    return {"kv_bytes_per_token": per_block // bm.block_size, "kv_cache_tokens": bm.num_blocks * bm.block_size,
+            "kv_block_size": bm.block_size, "max_model_len": engine.scheduler.cfg.max_model_len,
+            "prefix_caching": bm.enable_caching}
+
+
 def cpu_fast_paths(engine: LLMEngine) -> dict:
     """What the CPU fast paths are doing, for operators (`GET /v1/models`): empty on other devices."""
     if engine.runner.device.type != "cpu":
@@ -100,10 +110,11 @@ def build_llm_engine(
     cache = cache or CacheConfig()
     num_blocks = cache.num_blocks or _num_blocks(loaded, kv_cache_tokens, cache)
     cache = cache.resolved(num_blocks)
-    model_len = min(cfg.max_position_embeddings, cache.max_tokens(), scheduler.max_model_len or cache.max_tokens())
+    model_len = resolve_max_model_len(scheduler.max_model_len, cfg.max_position_embeddings, cache.max_tokens())
     # The per-step adapter cap is the device slot count (LoRASettings.max_slots is its one source).
     scheduler = dataclasses.replace(scheduler, max_model_len=model_len, max_adapters_per_batch=lora.max_slots,
-                                    max_num_batched_tokens=max(scheduler.max_num_batched_tokens, scheduler.max_num_seqs))
+                                    max_num_batched_tokens=max(scheduler.max_num_batched_tokens, scheduler.max_num_seqs),
+                                    attention_cost_len=scheduler.attention_cost_len or attention_cost_len(cfg))
     on_cpu = loaded.device.type == "cpu"
     if on_cpu:  # build (or load the cached) C++ ops first: the packed layouts and the fused ops use them
         cpu_ext.load()
@@ -130,6 +141,30 @@ def build_llm_engine(
     if on_cpu:
         log.info("fused CPU ops (LoRA kernel, decoder-layer ops): %s", cpu_ext.status())
     return LLMEngine(Scheduler(scheduler, cache), runner, loaded.tokenizer)
+
+
+def resolve_max_model_len(requested: int | None, model_context: int, kv_tokens: int) -> int:
+    """--max-model-len: auto is the model's context, lowered with a warning to what the KV cache
+    holds; an explicit value beyond either is refused (one request could never run)."""
+    if requested is None:
+        if kv_tokens < model_context:
+            log.warning("max model length lowered from the model's context (%d) to the KV cache's capacity "
+                        "(%d tokens); raise --kv-cache-tokens to serve longer sequences", model_context, kv_tokens)
+        return min(model_context, kv_tokens)
+    if requested > model_context:
+        raise ValueError(f"--max-model-len: {requested} exceeds the model's context ({model_context} tokens)")
+    if requested > kv_tokens:
+        raise ValueError(f"--max-model-len: {requested} exceeds what the KV cache holds ({kv_tokens} tokens); "
+                         "raise --kv-cache-tokens or lower --max-model-len")
+    return requested
+
+
+def attention_cost_len(cfg) -> float:
+    """The context length at which one token's attention costs as many FLOPs as its linear layers:
+    linear = 2 x (q, k, v, o, gate, up, down weights) per token; attention = 2 x 2 x heads x head_dim
+    per context token (QK^T and PV). SmolLM2-135M: 3,072; Llama-3-8B: 26,624 (the scheduler's cost model)."""
+    weights = sum(i * o for i, o in cfg.projection_dims().values())
+    return 2 * weights / (4 * cfg.num_attention_heads * cfg.head_dim)
 
 
 def _num_blocks(loaded: LoadedModel, kv_cache_tokens: int | None, cache: CacheConfig) -> int:
@@ -170,11 +205,14 @@ def engine_configs(settings: ServerSettings, adapter_slots: int | None = None,
     """The engine's config objects from the server's flags (every other value: the configs' defaults).
     `adapter_slots` is the auto slot count (used when --max-adapters-per-batch is auto; without it, 8)."""
     sched = SchedulerConfig(max_num_seqs=settings.max_batch_size, max_waiting=settings.max_waiting,
-                            max_num_batched_tokens=settings.max_num_batched_tokens)
+                            max_num_batched_tokens=settings.max_num_batched_tokens,
+                            max_model_len=settings.max_model_len)
     slots = settings.max_adapters_per_batch or adapter_slots or min(8, settings.max_batch_size)
     lora = LoRASettings(max_slots=slots, max_lora_rank=settings.max_lora_rank,
                         host_cache_size=max(settings.max_cpu_adapters, slots))
-    return sched, CacheConfig(memory_fraction=settings.gpu_memory_utilization), lora
+    cache = CacheConfig(memory_fraction=settings.gpu_memory_utilization,
+                        enable_prefix_caching=settings.prefix_caching == "on")
+    return sched, cache, lora
 
 
 def build_async_engine(settings: ServerSettings) -> AsyncEngine:
@@ -208,7 +246,7 @@ def _build_async_engine(settings: ServerSettings, worker: EngineThread) -> Async
         engine,
         manager,
         model_name=loaded.name,
-        info={**model_info(loaded, settings.max_lora_rank), **cpu_fast_paths(engine)},
+        info={**model_info(loaded, settings.max_lora_rank), **kv_cache_info(engine), **cpu_fast_paths(engine)},
         max_model_len=engine.scheduler.cfg.max_model_len,
         max_waiting=settings.max_waiting,
         step_stall_s=settings.step_stall_s,

@@ -24,6 +24,7 @@ class CacheConfig:
     block_size: int = 16
     num_blocks: int | None = None  # None: sized at run time from `memory_fraction`
     memory_fraction: float = 0.85  # share of free device memory (CUDA) the KV pool may take when sizing
+    enable_prefix_caching: bool = True  # keep finished requests' full blocks for reuse (block_manager.py)
 
     def __post_init__(self) -> None:
         _require(self.block_size >= 1, "block_size", "must be >= 1")
@@ -56,6 +57,11 @@ class SchedulerConfig:
     # A waiting request skipped this many steps because its adapter found no slot stops the
     # admission of every request queued behind it until it is admitted (bounded wait).
     starvation_steps: int = 16
+    # The budget counts what a chunk costs, not only its tokens: a token at position p also attends
+    # over p cached tokens. This is the context length at which that attention costs as much as the
+    # token's own linear layers (FLOPs; the builder derives it from the model's shapes). A token at
+    # position p costs 1 + (p + 1) / attention_cost_len budget units. None: count tokens only.
+    attention_cost_len: float | None = None
 
     def __post_init__(self) -> None:
         _require(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
@@ -70,6 +76,8 @@ class SchedulerConfig:
         _require(self.max_model_len is None or self.max_model_len >= 2, "max_model_len", "must be >= 2")
         _require(self.max_waiting >= 1, "max_waiting", "must be >= 1")
         _require(self.starvation_steps >= 1, "starvation_steps", "must be >= 1")
+        _require(self.attention_cost_len is None or self.attention_cost_len > 0, "attention_cost_len",
+                 "must be > 0 or None")
 
 
 @dataclass(frozen=True, slots=True)

@@ -197,6 +197,7 @@ class LLMEngine:
             error=out.error,
             prompt_tokens=req.num_prompt_tokens,
             completion_tokens=live.completion_tokens,
+            cached_tokens=min(req.num_cached_tokens, req.num_prompt_tokens),
         )
 
 

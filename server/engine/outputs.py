@@ -45,3 +45,4 @@ class CompletionDelta:
     error: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0  # cumulative
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (first admission)

@@ -80,6 +80,12 @@ class Request:
         self.status = RequestStatus.WAITING
         self.error: str | None = None  # message when status == FINISHED_ERROR
         self.block_ids: list[int] = []  # KV block table, owned by the BlockManager
+        # Prefix caching (BlockManager): chained hashes of full blocks of all_token_ids (memo), how
+        # many leading blocks of the table are registered in the cache, and how many prompt tokens
+        # the first admission found cached (reported as usage.prompt_tokens_details.cached_tokens).
+        self.block_hashes: list[bytes] = []
+        self.num_cached_blocks = 0
+        self.num_cached_tokens = 0
         # Fairness bookkeeping: steps this request was passed over because its adapter found no
         # slot (reset when it is admitted) and how often it was preempted.
         self.num_skipped_steps = 0

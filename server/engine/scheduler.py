@@ -9,9 +9,17 @@ Data flow, once per engine step (schedule -> execute -> update):
   split over steps (chunked prefill). KV blocks grow here; when they run out the newest running
   request is preempted (recompute: KV freed, requeued at the front, generated tokens kept).
   `num_computed_tokens` advances here, as in vLLM.
+  Prefix caching: a request being admitted first takes the cached blocks of its longest cached
+  block-aligned prefix (`BlockManager.match_prefix`: keyed by the adapter version's content hash),
+  and starts computing after them.
+  The budget (`max_num_batched_tokens`) counts cost, not tokens, when `attention_cost_len` is set:
+  a chunk's tokens also attend over everything before them, so a chunk deep into a long prompt
+  gets fewer tokens than one at its start (`chunk_cost`). Decode rows are charged but never
+  refused, so a long prompt's chunks take only what the decodes leave.
 - The runner executes the `SchedulerOutput` and samples one token per `do_sample` row.
-- `update_from_output()` appends them, applies token-level stop rules, frees finished requests
-  and returns one `RequestOutput` per request that got a token or finished.
+- `update_from_output()` registers the full blocks the step computed in the prefix cache, appends
+  the sampled tokens, applies token-level stop rules, frees finished requests and returns one
+  `RequestOutput` per request that got a token or finished.
 
 Adapter cap: the distinct adapters (`adapter_key`, None = base, which is free) among RUNNING
 requests never exceed `max_adapters_per_batch`, so every step's batch fits the device slots.
@@ -29,6 +37,7 @@ the stop token as the last id of `new_token_ids` (as vLLM does); detokenizers dr
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -72,6 +81,7 @@ class SchedulerOutput:
     finished_ids: list[str]  # finished or aborted since the previous schedule() call
     adapter_keys: frozenset[int]  # distinct adapters in this step (base excluded)
     step: int
+    cost: float = 0.0  # budget units charged (== num_batched_tokens without attention_cost_len)
 
     @property
     def is_empty(self) -> bool:
@@ -85,11 +95,15 @@ class Scheduler:
         if sched_cfg.max_model_len is None:  # no limit given: what the whole KV pool holds
             sched_cfg = dataclasses.replace(sched_cfg, max_model_len=cache_cfg.max_tokens())
         self.cfg = sched_cfg
-        self.block_manager = BlockManager(cache_cfg.num_blocks, cache_cfg.block_size)
+        self.block_manager = BlockManager(cache_cfg.num_blocks, cache_cfg.block_size,
+                                          enable_caching=cache_cfg.enable_prefix_caching)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admission order: the newest is last
         self.requests: dict[str, Request] = {}  # every unfinished request by id
         self.num_preemptions = 0  # total since start (a metric)
+        # prefix cache, in prompt tokens since start (metrics): looked up at admission, found cached
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
         self.step = 0
         self._finished_ids: list[str] = []  # for the next SchedulerOutput
         self._pending_outputs: list[RequestOutput] = []  # aborts, for the next update
@@ -183,16 +197,19 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         self.step += 1
         bm = self.block_manager
-        budget = self.cfg.max_num_batched_tokens
+        budget = float(self.cfg.max_num_batched_tokens)
         scheduled: list[ScheduledRequest] = []
         preempted: list[str] = []
 
         # 1. Running requests, oldest first. When KV runs out, the newest running one yields.
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running):
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if n == 0:  # still waiting for the token of an un-updated step
+            remaining = req.num_tokens - req.num_computed_tokens
+            # A prefill chunk may use only what the younger running requests' decodes leave.
+            left = budget if remaining <= 1 else budget - self._decode_cost(self.running[i + 1 :])
+            n = self._chunk_len(req.num_computed_tokens, remaining, left)
+            if n == 0:  # waiting for the token of an un-updated step, or no budget left for a chunk
                 i += 1
                 continue
             while not bm.can_allocate_for(req, n):
@@ -215,12 +232,45 @@ class Scheduler:
         assert len(keys) <= self.cfg.max_adapters_per_batch
         return SchedulerOutput(
             scheduled=scheduled,
-            num_batched_tokens=self.cfg.max_num_batched_tokens - budget,
+            num_batched_tokens=sum(s.num_new_tokens for s in scheduled),
             preempted_ids=preempted,
             finished_ids=finished,
             adapter_keys=keys,
             step=self.step,
+            cost=self.cfg.max_num_batched_tokens - budget,
         )
+
+    # --- the cost model ------------------------------------------------------------------------
+    def chunk_cost(self, start: int, n: int) -> float:
+        """Budget units of computing tokens [start, start + n): n, plus each token's attention over
+        the context before it, sum_{p=start}^{start+n-1} (p + 1) / attention_cost_len."""
+        cost_len = self.cfg.attention_cost_len
+        if cost_len is None:
+            return float(n)
+        return n + n * (2 * start + n + 1) / (2 * cost_len)
+
+    def _decode_cost(self, requests: list[Request]) -> float:
+        """What the decode rows among `requests` will charge this step."""
+        return sum(self.chunk_cost(r.num_computed_tokens, 1) for r in requests
+                   if r.num_tokens - r.num_computed_tokens == 1)
+
+    def _chunk_len(self, start: int, remaining: int, budget: float) -> int:
+        """How many of `remaining` tokens from `start` to run this step. A decode row (one token
+        left) always runs: decodes come first and are never refused. A prefill chunk takes the most
+        tokens whose cost fits the budget left (0 when not even one token fits)."""
+        if remaining <= 1:
+            return remaining
+        if budget <= 0:
+            return 0
+        cost_len = self.cfg.attention_cost_len
+        if cost_len is None:
+            return min(remaining, int(budget))
+        # n^2 / (2L) + n (1 + (2 start + 1) / (2L)) <= budget: the positive root, then fix rounding.
+        a, b = 1 / (2 * cost_len), 1 + (2 * start + 1) / (2 * cost_len)
+        n = min(remaining, int((-b + math.sqrt(b * b + 4 * a * budget)) / (2 * a)))
+        while n > 0 and self.chunk_cost(start, n) > budget + 1e-9:
+            n -= 1
+        return max(0, n)
 
     def update_from_output(
         self,
@@ -230,6 +280,11 @@ class Scheduler:
     ) -> list[RequestOutput]:
         """Append each sampling row's token, finish what must stop, return the step's outputs."""
         outputs, self._pending_outputs = self._pending_outputs, []
+        bm = self.block_manager
+        for sr in sched_out.scheduled:
+            # The step ran: the KV of its full blocks is written, so they may serve later requests.
+            if not sr.request.is_finished:
+                bm.cache_full_blocks(sr.request)
         for sr in sched_out.scheduled:
             req = sr.request
             # Aborted between schedule() and now: its blocks are already freed, skip it.
@@ -248,22 +303,22 @@ class Scheduler:
         return outputs
 
     # --- helpers -------------------------------------------------------------------------------
-    def _schedule_chunk(self, req: Request, n: int, scheduled: list[ScheduledRequest]) -> int:
-        """Grow the KV table, record the chunk and advance num_computed_tokens; returns n."""
+    def _schedule_chunk(self, req: Request, n: int, scheduled: list[ScheduledRequest]) -> float:
+        """Grow the KV table, record the chunk and advance num_computed_tokens; returns its cost."""
         self.block_manager.allocate_for(req, n)
         start = req.num_computed_tokens
         req.num_computed_tokens += n
         do_sample = req.num_computed_tokens == req.num_tokens
         scheduled.append(ScheduledRequest(req, n, start, tuple(req.block_ids), do_sample))
-        return n
+        return self.chunk_cost(start, n)
 
-    def _admit(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
+    def _admit(self, budget: float, scheduled: list[ScheduledRequest]) -> float:
         cfg, bm = self.cfg, self.block_manager
         adapters = {r.adapter_key for r in self.running if r.adapter_key is not None}
         kept: deque[Request] = deque()
         blocked = False  # once set, everything behind stays queued (FCFS)
         for req in self.waiting:
-            if blocked or budget == 0 or len(self.running) >= cfg.max_num_seqs:
+            if blocked or budget <= 0 or len(self.running) >= cfg.max_num_seqs:
                 blocked = True
                 kept.append(req)
                 continue
@@ -275,11 +330,24 @@ class Scheduler:
                 blocked = req.num_skipped_steps >= cfg.starvation_steps
                 kept.append(req)
                 continue
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not bm.can_allocate_for(req, n):
+            # A waiting request holds no KV (new or preempted): start after its cached prefix.
+            assert req.num_computed_tokens == 0 and not req.block_ids
+            hits = bm.match_prefix(req)
+            start = len(hits) * bm.block_size
+            n = self._chunk_len(start, req.num_tokens - start, budget)
+            need = bm.blocks_for_tokens(start + n) - len(hits)
+            # Sharing a cached block nobody holds takes it out of the free pool too.
+            if n == 0 or need + bm.num_evictable(hits) > bm.num_free_blocks:
                 blocked = True
                 kept.append(req)
                 continue
+            bm.share(req, hits)
+            req.num_computed_tokens = start
+            req.num_cached_blocks = len(hits)
+            self.prefix_cache_queries += req.num_tokens
+            self.prefix_cache_hits += start
+            if req.num_preemptions == 0:
+                req.num_cached_tokens = start
             req.status = RequestStatus.RUNNING
             req.num_skipped_steps = 0
             self.running.append(req)

@@ -13,7 +13,8 @@ def test_completion_json_shape_and_usage(client, engine):
     assert body["model"] == "fake-base" and isinstance(body["created"], int)
     # The fake speaks "base " cyclically for the base model: 7 tokens -> "base ba".
     assert body["choices"] == [{"text": "base ba", "index": 0, "logprobs": None, "finish_reason": "length"}]
-    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
     (rid, ids, params, ref), = engine.submitted
     assert ids == list(b"hello") and params.max_tokens == 7 and ref is None
 
@@ -90,7 +91,7 @@ def test_completion_sse_chunks_usage_and_done(client):
     assert all(c["object"] == "text_completion" and c["id"] == events[0]["id"] for c in events)
     assert [c["choices"][0]["finish_reason"] for c in chunks] == [None, None, None, "length"]
     assert last["choices"] == [] and last["usage"] == {"prompt_tokens": 2, "completion_tokens": 4,
-                                                       "total_tokens": 6}
+                                                       "total_tokens": 6, "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_sse_without_usage_has_no_usage_chunk(client):

@@ -3,6 +3,8 @@
 limits the scheduler promises (token budget, batch size, adapter cap, KV block ownership)."""
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 
 from adapters.ref import AdapterRef
@@ -45,9 +47,11 @@ def check_invariants(s: Scheduler, out: SchedulerOutput) -> None:
         assert x.num_new_tokens >= 1
         assert len(x.block_ids) * bm.block_size >= x.start + x.num_new_tokens  # KV covers the chunk
         assert x.do_sample == (x.start + x.num_new_tokens == x.request.num_tokens)
-    # Every block is owned by exactly one live request or is free.
-    owned = [b for r in s.requests.values() for b in r.block_ids]
-    assert len(owned) == len(set(owned))
+    # Every block is referenced exactly as often as live requests hold it (prefix caching shares
+    # full blocks), or is free (never cached, or cached and evictable).
+    owned = Counter(b for r in s.requests.values() for b in r.block_ids)
+    assert all(bm.ref_count(b) == c for b, c in owned.items())
+    assert sum(bm.ref_count(b) for b in range(bm.num_blocks)) == sum(owned.values())
     assert len(owned) + bm.num_free_blocks == bm.num_blocks
 
 
