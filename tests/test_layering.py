@@ -9,7 +9,8 @@ for what a module reaches. The rules:
   - torch (or triton, safetensors, kernels) is unreachable from server/engine's core objects and from
     server/api/;
   - kernels imports nothing of ours and only torch, triton, numpy and the standard library;
-  - adapters never reaches server; loadtest imports nothing of ours.
+  - adapters never reaches server; loadtest imports nothing of ours;
+  - Ray (an optional extra) is reachable only from server/cluster/ and the CLI that starts it lazily.
 """
 from __future__ import annotations
 
@@ -208,6 +209,17 @@ def test_adapters_never_reach_server(module):
 def test_loadtest_imports_nothing_of_ours(module):
     ours, _ = direct_imports(module)
     assert all(o.split(".")[0] == "loadtest" for o in ours), f"{module} imports {sorted(ours)}"
+
+
+# Modules allowed to reach Ray: the cluster package, and the CLI (it imports server.cluster lazily,
+# only for --replicas / --ray-address), with the `python -m server` entry point that runs it.
+RAY_USERS = ("server.cluster", "server.cli", "server.__main__")
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if not m.startswith(RAY_USERS)))
+def test_only_the_cluster_package_reaches_ray(module):
+    _, external = reach(module)
+    assert "ray" not in external, f"{module} reaches ray (an optional extra: import it in server/cluster only)"
 
 
 # --- the checker itself can fail ----------------------------------------------------------------------

@@ -55,9 +55,16 @@ def init_ray(settings: ServerSettings, num_cpus: int | None = None) -> None:
     if settings.ray_address:
         ray.init(address=settings.ray_address, runtime_env=env, log_to_driver=False)
         return
+    # A local Ray is one node: its address is the loopback (Ray's own single-machine mode, the default on
+    # macOS/Windows), so GCS, raylet, object manager and workers listen on 127.0.0.1, not the LAN address.
+    # The env reaches the processes Ray starts; the constant, the module already imported here.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
     cpus = num_cpus or max(os.cpu_count() or 1, int(settings.replicas * ENGINE_CPUS))
-    ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-             runtime_env=env, log_to_driver=False, configure_logging=False)
+    ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env, log_to_driver=False,
+             configure_logging=False)
 
 
 def deploy(settings: ServerSettings, engine_cpus: float = ENGINE_CPUS) -> None:

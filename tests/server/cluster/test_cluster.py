@@ -136,6 +136,7 @@ def test_killed_replica_restarts_and_nothing_hangs(cluster):
     assert time.monotonic() - t0 < 120
     ok = [r for r in results if not r[1]]
     failed = [r for r in results if r[1]]
+    print(f"replica killed: {len(ok)} streams finished, {len(failed)} ended with {[e for _, e in failed]}")
     assert ok, results  # the other replica's requests (and retried ones) finished
     for _, errors in failed:  # a stream cut mid-way says so, in an error event
         assert any("replica" in e or "status 5" in e for e in errors), errors
