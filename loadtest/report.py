@@ -68,7 +68,7 @@ def _fmt(value, digits: int = 1) -> str:
 def format_table(records: list[dict]) -> str:
     """The end-of-run table: one line per level."""
     head = ("workload", "level", "ok", "fail", "drop", "req/s", "out tok/s", "tot tok/s",
-            "ttft p50", "ttft p99", "itl p50", "itl p99", "e2e p50", "e2e p99", "batch")
+            "ttft p50", "ttft p99", "itl p50", "itl p99", "e2e p50", "e2e p99", "batch", "affinity")
     lines = [head]
     for r in records:
         level = f"c={r['concurrency']}" if r.get("mode", "closed") == "closed" else f"r={_fmt(r.get('rate'), 2)}"
@@ -76,14 +76,15 @@ def format_table(records: list[dict]) -> str:
             r["workload"], level, str(r["ok"]), str(r["failed"]), str(r.get("disconnected", 0)),
             _fmt(r["requests_per_s"], 2), _fmt(r["output_tokens_per_s"]), _fmt(r.get("total_tokens_per_s")),
             *(_fmt(r[k][p]) for k in LATENCIES for p in ("p50", "p99")),
-            _fmt(r.get("mean_batch_size"), 2),
+            _fmt(r.get("mean_batch_size"), 2), _fmt(r.get("affinity"), 3),
         ))
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     text = ["  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))) for row in lines]
     text.insert(1, "-" * len(text[0]))
     notes = [f"{r['workload']} {_level_label(r)}: failed {r['failed_by_reason']}" for r in records if r["failed"]]
     churn = [f"{r['workload']} {_level_label(r)}: churn {_churn_line(r['churn'])}" for r in records if r.get("churn")]
-    return "\n".join(text + notes + churn) + "\n(latencies in ms; batch = mean sequences per engine step)"
+    return "\n".join(text + notes + churn) + "\n(latencies in ms; batch = mean sequences per engine step; affinity = share of adapter " \
+        "requests whose adapter was already held (device or host) where they ran)"
 
 
 def _level_label(r: dict) -> str:

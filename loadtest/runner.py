@@ -210,6 +210,7 @@ async def _run_level(client, cfg, opts, pool, workload, mode, level, level_seed,
     }
     record |= summarize_level(records, max(wall, 1e-9))
     record["mean_batch_size"] = metrics.mean_batch_size(before, after)
+    record["affinity"] = metrics.affinity(before, after)
     if churner:
         record["churn"] = churner.take_tally()
     return record
