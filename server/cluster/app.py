@@ -47,6 +47,14 @@ def build_app(settings: ServerSettings, engine_cpus: float = ENGINE_CPUS):
     return ingress.bind(engine.bind(settings, APP_NAME, INGRESS), settings)
 
 
+def app_builder(args: dict):
+    """The application for `serve run` / a KubeRay RayService (`import_path: server.cluster.app:app_builder`):
+    `args` are `loramux serve` flags without dashes ({"model": ..., "adapter-dir": ..., "replicas": 2});
+    Ray and the HTTP proxy's host/port are the platform's (deploy/kuberay-rayservice.yaml)."""
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in (args or {}).items()]
+    return build_app(ServerSettings.from_args(argv))
+
+
 def init_ray(settings: ServerSettings, num_cpus: int | None = None) -> None:
     """Join `--ray-address`, or start a local Ray here: loopback only, no dashboard."""
     import ray
