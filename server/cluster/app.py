@@ -51,8 +51,12 @@ def app_builder(args: dict):
     """The application for `serve run` / a KubeRay RayService (`import_path: server.cluster.app:app_builder`):
     `args` are `loramux serve` flags without dashes ({"model": ..., "adapter-dir": ..., "replicas": 2});
     Ray and the HTTP proxy's host/port are the platform's (deploy/kuberay-rayservice.yaml)."""
-    argv = [f"--{k.replace('_', '-')}={v}" for k, v in (args or {}).items()]
-    return build_app(ServerSettings.from_args(argv))
+    return build_app(settings_from_args(args))
+
+
+def settings_from_args(args: dict | None) -> ServerSettings:
+    """{"adapter-dir": "/x", "replicas": 2} -> ServerSettings, parsed and checked like the CLI's flags."""
+    return ServerSettings.from_args([f"--{k.replace('_', '-')}={v}" for k, v in (args or {}).items()])
 
 
 def init_ray(settings: ServerSettings, num_cpus: int | None = None) -> None:
