@@ -164,8 +164,10 @@ def prefill_attention(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         # [KV, c, D] -> [H, c, D] (repeat each KV head for its G query heads)
         ks = ks.repeat_interleave(G, dim=0)
         vs = vs.repeat_interleave(G, dim=0)
-        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=p.mask, is_causal=p.mask is None,
-                                           scale=scale)
+        # A leading batch dim: with 3-D inputs torch's CPU SDPA takes its "math" path, which builds the
+        # whole [H, q, c] score matrix (measured 7.2 s vs 0.53 s for one 8k-token layer, 4 heads).
+        o = F.scaled_dot_product_attention(qs[None], ks[None], vs[None], attn_mask=p.mask,
+                                           is_causal=p.mask is None, scale=scale)[0]
         out[p.start : p.start + p.query_len] = o.transpose(0, 1)
 
 

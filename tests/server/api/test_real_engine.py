@@ -310,3 +310,27 @@ def test_models_report_cpu_fast_paths(world):
 
     own = cpu_ext.load().f32_gemm_available()  # our fp32 GEMM needs AVX-512; oneDNN packs otherwise
     assert info["cpu_own_gemm_linears"] == (info["cpu_prepacked_linears"] if own else 0)
+
+
+def test_prefix_cache_through_http_reports_cached_tokens(world):
+    """The same long prompt twice: the second finds its full blocks cached (usage says how many, as
+    OpenAI reports them), answers the same text as the uncached reference; the adapter's first use of
+    that text finds nothing (KV is per adapter version); /metrics and /v1/models show the cache."""
+    prompt = [(37 * i) % 200 + 40 for i in range(40)]  # 2 full blocks of 16 + 8 tokens
+    want = world.expected(prompt)
+    with world.http as http:
+        first, second = _complete(http, prompt=prompt), _complete(http, prompt=prompt)
+        third = _complete(http, prompt=prompt, adapter="alpha")
+        text = http.get("/metrics").text
+        models = http.get("/v1/models").json()
+    assert first["choices"][0]["text"] == second["choices"][0]["text"] == want
+    assert first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert second["usage"]["prompt_tokens_details"] == {"cached_tokens": 32}
+    assert third["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert _metric(text, "loramux_prefix_cache_hits_total") >= 32
+    assert _metric(text, 'loramux_adapter_prefix_cache_hits_total{adapter="base"}') >= 32
+    assert 0 < _metric(text, 'loramux_adapter_prefix_cache_hit_rate{adapter="base"}') <= 1
+    info = next(m for m in models["data"] if m["id"] == world.engine.model_name)["loramux"]
+    cfg = world.engine.engine.runner.model.config
+    assert info["kv_bytes_per_token"] == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4
+    assert info["prefix_caching"] is True and info["kv_block_size"] == 16

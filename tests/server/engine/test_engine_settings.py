@@ -47,6 +47,38 @@ def test_help_shows_the_flags():
     out = subprocess.run([sys.executable, "-m", "server", "serve", "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=60).stdout
     text = " ".join(out.split())
-    for flag in ("--max-cpu-adapters", "--gpu-memory-utilization", "--max-num-batched-tokens"):
+    for flag in ("--max-cpu-adapters", "--gpu-memory-utilization", "--max-num-batched-tokens", "--prefix-caching",
+                 "--max-model-len"):
         assert flag in text
     assert "auto: one slot per batch row" in text and "10% of the device's memory" in text
+
+
+def test_prefix_caching_and_max_model_len_flags(caplog):
+    from server.engine.builder import resolve_max_model_len
+
+    sched, cache, _ = engine_configs(ServerSettings.from_args(["--prefix-caching", "off", "--max-model-len", "300"]))
+    assert cache.enable_prefix_caching is False and sched.max_model_len == 300
+    sched, cache, _ = engine_configs(ServerSettings.from_args([]))
+    assert cache.enable_prefix_caching is True and sched.max_model_len is None  # auto
+    for bad in (["--prefix-caching", "maybe"], ["--max-model-len", "1"]):
+        with pytest.raises(ValueError, match=bad[0]):
+            ServerSettings.from_args(bad)
+    # auto: the model's context, lowered with a warning to what the KV cache holds
+    assert resolve_max_model_len(None, 8192, 65536) == 8192
+    with caplog.at_level("WARNING", logger="loramux.engine"):
+        assert resolve_max_model_len(None, 8192, 4096) == 4096
+    assert "lowered from the model's context (8192)" in caplog.text
+    assert resolve_max_model_len(1000, 8192, 4096) == 1000
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        resolve_max_model_len(9000, 8192, 65536)
+    with pytest.raises(ValueError, match="exceeds what the KV cache holds"):
+        resolve_max_model_len(5000, 8192, 4096)
+
+
+def test_attention_cost_len_from_the_model_shape():
+    from server.engine.builder import attention_cost_len
+    from server.model.config import ModelConfig
+
+    smol = ModelConfig(architecture="LlamaForCausalLM", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                       num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64)
+    assert attention_cost_len(smol) == 3072.0  # 2 x 3,538,944 weights / (4 x 9 heads x 64)

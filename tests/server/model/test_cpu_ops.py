@@ -308,6 +308,8 @@ def _run_engine(engine, adapters, names, use_loop: bool, seed: int = 8):
     from server.engine.sampling_params import SamplingParams
 
     engine.runner.decode_executor.enabled = use_loop
+    # Both runs prefill from scratch: a prefix-cache hit would change the prefill path, not the loop's.
+    engine.scheduler.block_manager.reset_prefix_cache()
     rng = random.Random(seed)
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=3)
     refs = []
