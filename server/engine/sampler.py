@@ -241,13 +241,21 @@ class Sampler:
             if not copied:
                 logits, copied = logits.clone(), True
             logits.index_put_((meta.bias_rows, meta.bias_cols), meta.bias_vals, accumulate=True)
+        unbanned = None
         if meta.banned_rows.numel():
-            if not copied:
-                logits, copied = logits.clone(), True
+            if meta.allowed_bitmask is not None:
+                unbanned = logits  # the grammar may have to overrule the bans (below)
+            logits = logits.clone()
             logits[meta.banned_rows, meta.banned_cols] = float("-inf")
         if meta.allowed_bitmask is not None:
             allowed = bitmask_to_bool(meta.allowed_bitmask.to(logits.device), logits.shape[1])  # [N, V]
             logits = logits.masked_fill(~allowed, float("-inf"))
+            if unbanned is not None:
+                # A row whose grammar allows only tokens min_tokens bans (e.g. only EOS once the JSON
+                # is complete) would have nothing left to sample: there the grammar wins, the ban yields.
+                dead = torch.isneginf(logits).all(dim=-1)  # [N]
+                if bool(dead.any()):
+                    logits = torch.where(dead.unsqueeze(1), unbanned.masked_fill(~allowed, float("-inf")), logits)
         return logits
 
     def _sample(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:

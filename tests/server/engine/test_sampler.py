@@ -103,6 +103,19 @@ def test_min_tokens_bans_eos_and_stop_ids():
     assert not torch.isin(many, torch.tensor([0, 1])).any()
 
 
+def test_grammar_overrules_min_tokens_when_it_allows_only_banned_tokens():
+    # Row 0: the grammar allows only EOS (4), e.g. a complete JSON value, while min_tokens bans it:
+    # the grammar wins (EOS), no NaN. Row 1: the grammar allows EOS and token 3: the ban holds (3).
+    logits = torch.tensor([[1.0, 9.0, 8.0, 2.0, 0.5]]).expand(2, -1).contiguous()
+    bitmask = torch.tensor([[1 << 4], [(1 << 4) | (1 << 3)]], dtype=torch.int32)
+    for temperature in (0.0, 1.0):
+        sp = SamplingParams(temperature=temperature, max_tokens=8, min_tokens=5, logprobs=1)
+        meta = SamplingMetadata.from_params([sp, sp], [0, 0], None, (4,), device="cpu", allowed_bitmask=bitmask)
+        out = Sampler()(logits, meta)
+        assert out.token_ids.tolist() == [4, 3]
+        assert torch.isfinite(out.logprobs).all()
+
+
 def test_per_row_eos_ids():
     logits = torch.tensor([[5.0, 4.0, 3.0]]).expand(2, -1).contiguous()
     sp = SamplingParams(temperature=0.0, min_tokens=1)
