@@ -7,8 +7,9 @@ One run, on one machine, same model and flags for both targets:
      uploaded through the API, skewed (Zipf) adapter traffic, closed loop at concurrency 32, two
      levels (the first warms every replica's adapters; the second is the measured one);
      throughput per replica = cluster / replicas, and affinity as the replicas count it;
-  3. the Ray hop: sequential non-streaming requests at concurrency 1: the echo's latency through
-     Ray's HTTP proxy, and (cluster - single server) for the same one-token completion.
+  3. the Ray hop: sequential non-streaming requests at concurrency 1, the three targets interleaved:
+     the echo's latency through Ray's HTTP proxy, and (cluster - single server) for the same
+     one-token completion.
 Prints a table and writes JSON (default docs/ray-bench.json). `--model tiny` (default) writes the
 tests' tiny random Llama (needs the repository's tests/); `--model default` is the embedded SmolLM2.
 """
@@ -62,16 +63,21 @@ def _loadtest(url: str, out: Path, args) -> list[dict]:
     return json.loads((out / "results.json").read_text())
 
 
-def _sequential(url: str, path: str, body: dict, n: int) -> list[float]:
-    times = []
-    with httpx.Client(base_url=url, timeout=60) as http:
+def _sequential(targets: dict[str, tuple[str, str, dict]], n: int) -> dict[str, list[float]]:
+    """Latency of one request at a time, the targets interleaved round-robin (so that the machine's
+    load drifts over all of them alike); the first 3 rounds warm connections and caches."""
+    clients = {k: httpx.Client(base_url=url, timeout=60) for k, (url, _, _) in targets.items()}
+    times: dict[str, list[float]] = {k: [] for k in targets}
+    try:
         for i in range(n + 3):
-            t0 = time.perf_counter()
-            r = http.post(path, json=body)
-            dt = time.perf_counter() - t0
-            r.raise_for_status()
-            if i >= 3:  # the first few warm connections and caches
-                times.append(dt)
+            for k, (_, path, body) in targets.items():
+                t0 = time.perf_counter()
+                clients[k].post(path, json=body).raise_for_status()
+                if i >= 3:
+                    times[k].append(time.perf_counter() - t0)
+    finally:
+        for c in clients.values():
+            c.close()
     return times
 
 
@@ -82,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=256, help="requests per loadtest level")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--hop-requests", type=int, default=40)
+    p.add_argument("--max-cpu-adapters", type=int, default=FLAGS["max_cpu_adapters"],
+                   help="adapters held in host memory per server / per replica (Serve's multiplexed LRU)")
     p.add_argument("--json", type=Path, default=Path("docs/ray-bench.json"))
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="loramux-raybench-"))
@@ -93,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         args.token_range, dtype = "3:250", "float32"
     else:
         args.token_range, dtype = "1000:10000", "auto"
-    flags = {**FLAGS, "model": model, "dtype": dtype}
+    flags = {**FLAGS, "model": model, "dtype": dtype, "max_cpu_adapters": args.max_cpu_adapters}
     single_port, cluster_port = _free_port(), _free_port()
     single_url, cluster_url = f"http://127.0.0.1:{single_port}", f"http://127.0.0.1:{cluster_port}"
     cli = [sys.executable, "-m", "server", "serve", "--port", str(single_port), "--adapter-dir", str(work / "single")]
@@ -125,11 +133,12 @@ def main(argv: list[str] | None = None) -> int:
         # --- the Ray hop: sequential, non-streaming, concurrency 1 -----------------------------------
         body = {"prompt": [5, 6, 7, 8], "max_tokens": 1, "temperature": 0}
         n = args.hop_requests
-        lat = {"echo": _sequential(cluster_url, "/echo", {"hello": "world"}, n),
-               "single": _sequential(single_url, "/v1/completions", body, n),
-               "cluster": _sequential(cluster_url, "/v1/completions", body, n)}
-        result["hop_ms"] = {k: {"median": 1e3 * statistics.median(v), "mean": 1e3 * statistics.fmean(v)}
-                            for k, v in lat.items()}
+        lat = _sequential({"echo": (cluster_url, "/echo", {"hello": "world"}),
+                           "single": (single_url, "/v1/completions", body),
+                           "cluster": (cluster_url, "/v1/completions", body)}, n)
+        result["hop_ms"] = {k: {"median": 1e3 * statistics.median(v), "mean": 1e3 * statistics.fmean(v),
+                                "p10": 1e3 * statistics.quantiles(v, n=10)[0],
+                                "p90": 1e3 * statistics.quantiles(v, n=10)[-1]} for k, v in lat.items()}
     finally:
         single.terminate()
         single.wait(timeout=60)

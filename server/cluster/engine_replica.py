@@ -6,7 +6,8 @@ fixed when the class is made, so it is made from the settings). Per request (`ge
   count where the adapter was held on arrival (device slot | host memory | cold) -> Serve's
   multiplexed loader `_adapter(model_id)` (LRU over `max_adapters` ids per replica; reads the
   shared store on a miss: replica_adapters.py) -> acquire the local ref -> `AsyncEngine.submit` ->
-  stream `CompletionDelta`s back (Serve streams a generator's items to the caller) -> release.
+  stream `CompletionDelta`s back (Serve streams a generator's items to the caller; the deltas of
+  steps within STREAM_INTERVAL_S are merged into one) -> release.
 A structured-output grammar travels as its `GuideSpec` (the compiled matcher is not picklable) and
 is compiled here again (cached per spec). Housekeeping, every 0.5 s: versions the store no longer
 has are dropped (delete / replace reach every replica), and the replica's `engine.stats()` are
@@ -39,6 +40,10 @@ from server.settings import ServerSettings
 
 log = logging.getLogger("loramux.cluster")
 HOUSEKEEPING_S = 0.5
+# After sending a delta, the replica waits this long before taking the next: the engine's one-slot
+# collector merges the tokens of the steps in between, so a fast engine sends one Ray object per
+# interval instead of one per step (each costs a hop's overhead). The first token is never delayed.
+STREAM_INTERVAL_S = 0.02
 
 
 class ReplicaEngine(AsyncEngine):
@@ -135,6 +140,8 @@ def make_engine_class(max_adapters: int) -> type:
                 try:
                     async for delta in stream:
                         yield delta
+                        if not delta.finished:
+                            await asyncio.sleep(STREAM_INTERVAL_S)
                 finally:
                     await stream.aclose()  # aborts the request if it did not finish (caller gone)
             finally:
