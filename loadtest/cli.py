@@ -3,7 +3,8 @@
 Data flow: argv -> `build_parser()` -> `config_from_args()` (a validated `RunConfig`) ->
 `asyncio.run(runner.run(...))`, writing results.json / results.csv after every level (a
 failure late in a sweep keeps the levels already measured) -> table on stdout -> plots.
-`--compare A.json B.json ...` skips the run and plots the given files on one chart.
+`--compare A.json B.json ...` skips the run and plots the given files on one chart; `--soak`,
+`--burst` and `--chat` run their own modes (soak.py, burst.py, chat.py) instead of the sweep.
 Every error ends in one line on stderr and a non-zero exit, never a traceback; the adapters
 this run uploaded are deleted in a `finally`, on success, failure and Ctrl-C alike.
 """
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--rank", type=int, default=8, help="rank of synthetic adapters (default 8)")
     a("--target-modules", type=_csv(str), default=ALL_MODULES, help="synthetic adapters' modules (default all 7)")
     a("--churn", type=float, default=0.0, metavar="OPS_PER_S", help="upload/replace/delete adapters during traffic")
-    a("--warmup", type=int, default=0, help="unmeasured requests before each level")
+    a("--warmup", type=int, default=0, help="unmeasured requests before each level (--chat: first turns on the base model)")
     a("--timeout", type=float, default=300.0, help="per-request timeout in seconds")
     a("--out", type=Path, default=Path("loadtest-results"), help="output directory (default %(default)s)")
     a("--no-plots", action="store_true")
@@ -93,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--burst", type=int, default=None, metavar="N",
       help="overload check instead of a sweep: N requests at once on top of steady traffic (first --concurrency "
            "level, --duration seconds per phase, default 30); statuses, steady p99 with and without the burst, RSS")
+    a("--chat", type=int, default=None, metavar="N",
+      help="chat workload instead of a sweep: N multi-turn conversations sharing one system prompt "
+           "(/v1/chat/completions, streamed; conversation i on adapter i mod pool; --concurrency's first level "
+           "= conversations in flight; user turns --prompt-tokens words, replies --max-tokens tokens, the "
+           "replies fed back as history); TTFT, throughput, cached prompt tokens per turn; chat.json")
+    a("--turns", type=int, default=4, help="--chat: turns per conversation (default 4)")
+    a("--system-tokens", type=int, default=512,
+      help="--chat: words (about one token each) of the shared system prompt (default 512)")
     a("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -109,6 +118,25 @@ def _burst(args) -> int:
     print(format_burst(result))
     print(f"wrote {write_burst(result, args.out)}")
     return 0 if result["passed"] else 1
+
+
+def _chat(args) -> int:
+    from loadtest.chat import ChatConfig, format_chat, run_chat, write_chat
+
+    cfg = config_from_args(args)
+    chat = ChatConfig(common=cfg, conversations=args.chat, turns=args.turns, system_tokens=args.system_tokens,
+                      concurrency=cfg.concurrency[0])
+    owned: set[str] = set()
+    try:
+        result = asyncio.run(run_chat(chat, owned))
+    finally:
+        if owned:
+            left = delete_adapters_sync(cfg.url, sorted(owned), cfg.admin_key)
+            if left:
+                print(f"warning: could not delete adapters {', '.join(left)}", file=sys.stderr)
+    print(format_chat(result))
+    print(f"wrote {write_chat(result, args.out)}")
+    return 0
 
 
 def _typical(dist: LengthDist) -> int:
@@ -214,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
             return _soak(args)
         if args.burst is not None:
             return _burst(args)
+        if args.chat is not None:
+            return _chat(args)
         return _run(config_from_args(args), args.out, plots=not args.no_plots)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted (uploaded adapters were deleted)", file=sys.stderr)

@@ -4,7 +4,10 @@ Data flow: `StubServer(ttft_s, itl_s).start()` runs a Starlette app under uvicor
 127.0.0.1:<free port> in a background thread. POST /v1/completions sleeps `ttft_s`, then emits
 `max_tokens` chunks `itl_s` apart (SSE or one JSON); /v1/models describes a 2-layer base model;
 /v1/adapters validates uploads with the `safetensors` library (shapes against the description)
-and records every operation in `events`; /metrics exposes step counters from a 5 ms ticker
+and records every operation in `events`; POST /v1/chat/completions counts one token per word of the
+messages' contents, streams `max_tokens` words unique to the request, and reports as cached_tokens the
+longest word prefix shared with an earlier chat prompt on the same adapter (`chats` logs body, reply and
+usage; turns listed in `fail_chat_turns` answer 503); /metrics exposes step counters from a 5 ms ticker
 (steps += 1, scheduled += requests in flight, whenever any is in flight).
 """
 from __future__ import annotations
@@ -34,6 +37,13 @@ def _error(status: int, message: str, code: str) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
 
+def _common_prefix(a: list[str], b: list[str]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 class StubServer:
     """The stub app plus its state (adapters, events, counters) and a uvicorn thread."""
 
@@ -43,12 +53,16 @@ class StubServer:
         self.events: list[tuple[str, str, int]] = []  # (op, name, status)
         self.reject_uploads_after: int | None = None  # fail uploads once this many exist
         self.completions: list[dict] = []
+        self.chats: list[dict] = []  # {"body", "reply", "usage"} per chat request, in arrival order
+        self.fail_chat_turns: set[int] = set()  # turn = number of user messages
+        self._chat_prompts: list[tuple[str | None, list[str]]] = []
         self.disconnects = 0
         self.running = 0
         self.steps = self.scheduled = 0
         self.app = Starlette(routes=[
             Route("/v1/models", self.models),
             Route("/v1/completions", self.complete, methods=["POST"]),
+            Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/v1/adapters", self.upload, methods=["POST"]),
             Route("/v1/adapters/{name}", self.delete, methods=["DELETE"]),
             Route("/metrics", self.metrics),
@@ -108,6 +122,36 @@ class StubServer:
             raise
         finally:
             self.running -= 1
+
+    async def chat(self, request: Request):
+        body = await request.json()
+        turn = sum(m["role"] == "user" for m in body["messages"])
+        if turn in self.fail_chat_turns:
+            return _error(503, "the stub fails this turn", "overloaded")
+        words = [w for m in body["messages"] for w in m["content"].split()]
+        adapter = body.get("adapter")
+        cached = max((_common_prefix(words, seen) for a, seen in self._chat_prompts if a == adapter), default=0)
+        self._chat_prompts.append((adapter, words))
+        n = int(body["max_tokens"])
+        reply = [f" r{len(self.chats)}w{i}" for i in range(n)]
+        usage = {"prompt_tokens": len(words), "completion_tokens": n, "total_tokens": len(words) + n,
+                 "prompt_tokens_details": {"cached_tokens": cached}}
+        self.chats.append({"body": body, "reply": "".join(reply), "usage": usage})
+        return StreamingResponse(self._chat_stream(reply, usage), media_type="text/event-stream")
+
+    async def _chat_stream(self, reply: list[str], usage: dict):
+        def chunk(choices, **extra):
+            return f"data: {json.dumps({'object': 'chat.completion.chunk', 'choices': choices, **extra})}\n\n"
+
+        yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        await asyncio.sleep(self.ttft_s)
+        for i, word in enumerate(reply):
+            if i:
+                await asyncio.sleep(self.itl_s)
+            yield chunk([{"index": 0, "delta": {"content": word}, "finish_reason": None}])
+        yield chunk([{"index": 0, "delta": {}, "finish_reason": "length"}])
+        yield chunk([], usage=usage)
+        yield "data: [DONE]\n\n"
 
     async def upload(self, request: Request):
         form = await request.form()
