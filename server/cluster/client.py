@@ -149,7 +149,8 @@ class ClusterClient:
                 except RayTaskError as exc:  # the replica raised (bad adapter, value error): no retry
                     finished = True
                     cause = getattr(exc, "cause", None) or exc
-                    yield _error(rid, f"{type(cause).__name__}: {str(cause).splitlines()[0][:200]}")
+                    first = (str(cause).splitlines() or [""])[0][:200]
+                    yield _error(rid, f"{type(cause).__name__}: {first}")
                     return
         finally:
             call = self._calls.pop(rid, None)
