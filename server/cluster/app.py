@@ -94,9 +94,10 @@ def run_cluster(settings: ServerSettings) -> int:
     except ImportError:
         raise RuntimeError("--replicas / --ray-address need Ray Serve: pip install 'loramux[ray]'") from None
     stop = threading.Event()
+    init_ray(settings)
+    # After ray.init: it installs a crash handler on SIGTERM that would abort the process.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    init_ray(settings)
     try:
         deploy(settings)
         log.info("loramux on Ray Serve: %d engine replica(s) behind http://%s:%d", settings.replicas,
