@@ -218,6 +218,13 @@ class ChoiceRunner:
         except Exception as exc:  # engine failure: becomes this choice's error, never a traceback
             await self._queue.put((index, CompletionDelta(rid, "", finished=True, finish_reason="error",
                                                           error=type(exc).__name__)))
+        finally:
+            # Close the engine stream now, not whenever the loop finalizes the abandoned generator:
+            # its own `finally` drops the engine's per-request collector (deterministic cleanup).
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
 
     async def stream(self) -> AsyncIterator[tuple[int, CompletionDelta]]:
         self._tasks = [asyncio.create_task(self._pump(*job)) for job in self.jobs]
