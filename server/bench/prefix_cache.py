@@ -83,7 +83,7 @@ def run_one(mode: str, work: Path, args) -> dict:
                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     try:
         t0 = time.monotonic()
-        _wait_ready(url, server, 600)
+        _wait_ready(url, server, 900)  # a cold start may build the C++ ops first
         start_s = time.monotonic() - t0
         out = work / f"chat-{tag}"
         done = subprocess.run(_loadtest_argv(url, out, args), capture_output=True, text=True)
