@@ -109,6 +109,9 @@ def test_ctrl_c_deletes_uploaded_adapters(make_stub, tmp_path):
         [sys.executable, "-m", "loadtest", "--url", stub.url, "--upload-synthetic", "3", "--rank", "2",
          "--concurrency", "2", "--requests", "500", "--max-tokens", "20", "--out", str(tmp_path), "--no-progress"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # A child inherits an ignored SIGINT (and Python then keeps ignoring it): start it with the
+        # default disposition, as a shell does, whatever an earlier test left in this process.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 90  # bounded; generous for a loaded 2-core machine
     while len(stub.completions) < 4 and time.monotonic() < deadline:  # traffic is flowing
