@@ -15,7 +15,8 @@ decoder layer's norms, rotary, activation and paged attention: about fifty small
 become five calls.
 
 Built with `torch.utils.cpp_extension.load` (g++ and ninja, both already needed by torch's own
-tooling; about 30 s on 2 cores), cached under TORCH_EXTENSIONS_DIR keyed by the sources and this
+tooling; about 80 s on 2 quiet cores: only bindings.cpp includes torch/extension.h, whose parsing alone
+costs about 35 s per translation unit, the others include light ATen headers), cached under TORCH_EXTENSIONS_DIR keyed by the sources and this
 CPU's instruction set (it is compiled with -march=native). If the build fails (no compiler, e.g. the
 CUDA runtime image) the CPU path keeps its torch formulations and logs why once. Set
 LORAMUX_CPU_KERNEL=0 to skip it.
@@ -35,7 +36,7 @@ log = logging.getLogger("loramux.kernels")
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = [_CSRC / "bindings.cpp", _CSRC / "bgmv_cpu.cpp", _CSRC / "model_cpu.cpp", _CSRC / "decode_loop.cpp",
             _CSRC / "gemm_bf16.cpp", _CSRC / "gemm_f32.cpp", _CSRC / "qgemm_cpu.cpp"]
-_HEADERS = [_CSRC / "loramux_cpu.h", _CSRC / "vec512.h"]
+_HEADERS = [_CSRC / "loramux_cpu.h", _CSRC / "decode_loop.h", _CSRC / "vec512.h"]
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "module" or "error"
 
@@ -53,7 +54,7 @@ def _cpu_tag() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-# A build takes 1-6 minutes on 2 quiet cores and over 20 when they are shared; a lock older than this was left
+# A build takes 1-2 minutes on 2 quiet cores and over 10 when they are shared; a lock older than this was left
 # by a process killed mid-build (a shorter limit made busy machines delete live locks and compile twice).
 STALE_LOCK_S = 1800
 

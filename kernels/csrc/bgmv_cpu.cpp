@@ -279,8 +279,8 @@ void bgmv_rows(scalar_t* y, int64_t y_stride, const scalar_t* x, int64_t x_strid
 
 }  // namespace
 
-void bgmv(torch::Tensor y, torch::Tensor x, torch::Tensor a_tab, std::vector<torch::Tensor> b_tabs,
-          std::vector<int64_t> offs, torch::Tensor scaling, torch::Tensor slots, int64_t r) {
+void bgmv(at::Tensor y, at::Tensor x, at::Tensor a_tab, std::vector<at::Tensor> b_tabs,
+          std::vector<int64_t> offs, at::Tensor scaling, at::Tensor slots, int64_t r) {
   TORCH_CHECK(x.device().is_cpu() && y.device().is_cpu(), "CPU tensors only");
   TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(0) == y.size(0), "x, y must be [T, *]");
   TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1, "x and y rows must be contiguous");

@@ -1,3 +1,6 @@
+#include <torch/extension.h>
+
+#include "decode_loop.h"
 #include "loramux_cpu.h"
 
 // Compute entry points release the GIL (call_guard) so that Python threads -- the structured-output
@@ -14,7 +17,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_and_mul", &loramux::silu_and_mul, "out = silu(gate) * up of a fused gate|up row", pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("kv_write", &loramux::kv_write, "the step's K and V columns of qkv into the paged cache", pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("argmax_rows", &loramux::argmax_rows, "index of the first maximum of each float32 row (NaN wins)", pybind11::call_guard<pybind11::gil_scoped_release>());
-  loramux::bind_decode_loop(m);
+  pybind11::class_<loramux::DecodeLoop>(m, "DecodeLoop", pybind11::module_local())
+      .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, double, double, torch::Tensor>())
+      .def("add_layer", &loramux::DecodeLoop::add_layer)
+      .def("num_layers", &loramux::DecodeLoop::num_layers)
+      .def("set_quant", &loramux::DecodeLoop::set_quant)
+      // All layers of a step without the GIL: the structured-output mask worker runs beside it.
+      .def("forward", &loramux::DecodeLoop::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("bf16_gemm_available", &loramux::bf16_gemm_available, "whether the AVX512-BF16 GEMM was compiled in");
   m.def("f32_gemm_available", &loramux::f32_gemm_available, "whether the AVX-512 fp32 GEMM was compiled in");
   m.def("pack_f32_weight", &loramux::pack_f32_weight, "float32 [N, K] -> panels for f32_gemm", pybind11::call_guard<pybind11::gil_scoped_release>());

@@ -74,12 +74,12 @@ bool bf16_gemm_available() {
 #endif
 }
 
-torch::Tensor pack_bf16_weight(torch::Tensor w) {
+at::Tensor pack_bf16_weight(at::Tensor w) {
   TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kBFloat16 && w.dim() == 2, "w must be a CPU bf16 [N, K]");
   TORCH_CHECK(w.size(1) % 2 == 0 && w.size(1) > 0 && w.size(0) > 0, "K must be even and positive");
   w = w.contiguous();
   const int64_t N = w.size(0), K = w.size(1), K2 = K / 2, P = (N + kNR - 1) / kNR;
-  auto packed = torch::zeros({P, K2, kNR, 2}, w.options());
+  auto packed = w.new_zeros({P, K2, kNR, 2});
   const uint16_t* src = reinterpret_cast<const uint16_t*>(w.data_ptr<c10::BFloat16>());
   uint16_t* dst = reinterpret_cast<uint16_t*>(packed.data_ptr<c10::BFloat16>());
   at::parallel_for(0, P, 1, [&](int64_t b, int64_t e) {
@@ -96,14 +96,14 @@ torch::Tensor pack_bf16_weight(torch::Tensor w) {
   return packed;
 }
 
-torch::Tensor bf16_gemm(torch::Tensor x, torch::Tensor packed, int64_t n_out, c10::optional<torch::Tensor> bias) {
+at::Tensor bf16_gemm(at::Tensor x, at::Tensor packed, int64_t n_out, c10::optional<at::Tensor> bias) {
   return bf16_gemm_prefetching(x, packed, n_out, bias, {});
 }
 
 // `extra`: memory regions (pointer, bytes) that the next op will read (a LoRA adapter's blocks), fetched
 // into each thread's L2 a few lines per panel while the GEMM runs.
-torch::Tensor bf16_gemm_prefetching(torch::Tensor x, torch::Tensor packed, int64_t n_out,
-                                    c10::optional<torch::Tensor> bias,
+at::Tensor bf16_gemm_prefetching(at::Tensor x, at::Tensor packed, int64_t n_out,
+                                    c10::optional<at::Tensor> bias,
                                     const std::vector<std::pair<const void*, int64_t>>& extra) {
   TORCH_CHECK(bf16_gemm_available(), "this build has no AVX512-BF16 GEMM");
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.stride(1) == 1,
@@ -115,7 +115,7 @@ torch::Tensor bf16_gemm_prefetching(torch::Tensor x, torch::Tensor packed, int64
   TORCH_CHECK(n_out > (P - 1) * kNR && n_out <= P * kNR, "n_out does not match the packed weight");
   if (bias.has_value())
     TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->is_contiguous() && bias->numel() == n_out, "bad bias");
-  auto y = torch::empty({M, n_out}, x.options());
+  auto y = x.new_empty({M, n_out});
 #ifdef LORAMUX_BF16_GEMM
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr<c10::BFloat16>());

@@ -55,12 +55,12 @@ bool f32_gemm_available() {
 #endif
 }
 
-torch::Tensor pack_f32_weight(torch::Tensor w) {
+at::Tensor pack_f32_weight(at::Tensor w) {
   TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kFloat && w.dim() == 2 && w.numel() > 0,
               "w must be a CPU float32 [N, K]");
   w = w.contiguous();
   const int64_t N = w.size(0), K = w.size(1), P = (N + kNR - 1) / kNR;
-  auto packed = torch::zeros({P, K, kNR}, w.options());
+  auto packed = w.new_zeros({P, K, kNR});
   const float* src = w.data_ptr<float>();
   float* dst = packed.data_ptr<float>();
   at::parallel_for(0, P, 1, [&](int64_t b, int64_t e) {
@@ -71,7 +71,7 @@ torch::Tensor pack_f32_weight(torch::Tensor w) {
   return packed;
 }
 
-torch::Tensor f32_gemm(torch::Tensor x, torch::Tensor packed, int64_t n_out, c10::optional<torch::Tensor> bias) {
+at::Tensor f32_gemm(at::Tensor x, at::Tensor packed, int64_t n_out, c10::optional<at::Tensor> bias) {
   TORCH_CHECK(f32_gemm_available(), "this build has no AVX-512 fp32 GEMM");
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.stride(1) == 1,
               "x must be a CPU float32 [M, K] with contiguous rows");
@@ -82,7 +82,7 @@ torch::Tensor f32_gemm(torch::Tensor x, torch::Tensor packed, int64_t n_out, c10
   TORCH_CHECK(n_out > (P - 1) * kNR && n_out <= P * kNR, "n_out does not match the packed weight");
   if (bias.has_value())
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == n_out, "bad bias");
-  auto y = torch::empty({M, n_out}, x.options());
+  auto y = x.new_empty({M, n_out});
 #ifdef LORAMUX_AVX512
   const float* xp = x.data_ptr<float>();
   const float* wp = packed.data_ptr<float>();

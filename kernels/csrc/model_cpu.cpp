@@ -382,19 +382,19 @@ int64_t argmax_row(const float* x, int64_t n) {
   return arg;
 }
 
-void check_cpu(const torch::Tensor& t, const char* name) {
+void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
 }
 
-void check_rows(const torch::Tensor& t, const char* name) {
+void check_rows(const at::Tensor& t, const char* name) {
   check_cpu(t, name);
   TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, name, " must be 2-D with contiguous rows");
 }
 
 }  // namespace
 
-void rms_norm(torch::Tensor out, torch::Tensor x, torch::Tensor weight, double eps,
-              c10::optional<torch::Tensor> residual) {
+void rms_norm(at::Tensor out, at::Tensor x, at::Tensor weight, double eps,
+              c10::optional<at::Tensor> residual) {
   check_rows(out, "out");
   check_rows(x, "x");
   check_cpu(weight, "weight");
@@ -414,7 +414,7 @@ void rms_norm(torch::Tensor out, torch::Tensor x, torch::Tensor weight, double e
   });
 }
 
-void rotary_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t heads, int64_t head_dim) {
+void rotary_(at::Tensor qkv, at::Tensor cos, at::Tensor sin, int64_t heads, int64_t head_dim) {
   check_rows(qkv, "qkv");
   check_cpu(cos, "cos");
   check_cpu(sin, "sin");
@@ -429,7 +429,7 @@ void rotary_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t he
   });
 }
 
-void silu_and_mul(torch::Tensor out, torch::Tensor gate_up) {
+void silu_and_mul(at::Tensor out, at::Tensor gate_up) {
   check_rows(out, "out");
   check_rows(gate_up, "gate_up");
   const int64_t I = out.size(1);
@@ -441,7 +441,7 @@ void silu_and_mul(torch::Tensor out, torch::Tensor gate_up) {
   });
 }
 
-void kv_write(torch::Tensor cache, torch::Tensor k, torch::Tensor v, torch::Tensor slots) {
+void kv_write(at::Tensor cache, at::Tensor k, at::Tensor v, at::Tensor slots) {
   check_rows(k, "k");
   check_rows(v, "v");
   check_cpu(cache, "cache");
@@ -469,8 +469,8 @@ void kv_write(torch::Tensor cache, torch::Tensor k, torch::Tensor v, torch::Tens
   });
 }
 
-void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor rows, torch::Tensor cache,
-                      torch::Tensor tables, torch::Tensor lens, int64_t heads, double scale) {
+void decode_attention(at::Tensor out, at::Tensor q, at::Tensor rows, at::Tensor cache,
+                      at::Tensor tables, at::Tensor lens, int64_t heads, double scale) {
   check_rows(q, "q");
   check_cpu(out, "out");
   check_cpu(rows, "rows");
@@ -504,10 +504,10 @@ void decode_attention(torch::Tensor out, torch::Tensor q, torch::Tensor rows, to
   });
 }
 
-torch::Tensor argmax_rows(torch::Tensor x) {
+at::Tensor argmax_rows(at::Tensor x) {
   check_rows(x, "x");
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.size(1) > 0, "x must be float32 [N, V > 0]");
-  auto out = torch::empty({x.size(0)}, x.options().dtype(at::kLong));
+  auto out = x.new_empty({x.size(0)}, x.options().dtype(at::kLong));
   const float* p = x.data_ptr<float>();
   int64_t* o = out.data_ptr<int64_t>();
   const int64_t n = x.size(1), stride = x.stride(0);

@@ -336,9 +336,9 @@ bool quant_linear_vectorized() {
 #endif
 }
 
-torch::Tensor quant_linear(torch::Tensor x, torch::Tensor data, int64_t fmt, int64_t n_out, int64_t k_in,
-                           torch::Tensor absmax_q, torch::Tensor absmax_scale, double absmax_offset,
-                           torch::Tensor dyn_map, c10::optional<torch::Tensor> bias, int64_t impl) {
+at::Tensor quant_linear(at::Tensor x, at::Tensor data, int64_t fmt, int64_t n_out, int64_t k_in,
+                           at::Tensor absmax_q, at::Tensor absmax_scale, double absmax_offset,
+                           at::Tensor dyn_map, c10::optional<at::Tensor> bias, int64_t impl) {
   TORCH_CHECK(fmt >= 0 && fmt <= 3, "unknown quantized format id ", fmt);
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "x must be a CPU float32 or bfloat16 [M, K]");
@@ -360,7 +360,7 @@ torch::Tensor quant_linear(torch::Tensor x, torch::Tensor data, int64_t fmt, int
     w.absmax_scale = absmax_scale.data_ptr<float>();
     w.dyn = dyn_map.data_ptr<float>();
   }
-  c10::optional<torch::Tensor> bias_f;
+  c10::optional<at::Tensor> bias_f;
   if (bias.has_value()) {
     TORCH_CHECK(bias->numel() == n_out && bias->dim() == 1, "bias must have ", n_out, " values");
     bias_f = bias->to(at::kFloat).contiguous();
@@ -369,9 +369,9 @@ torch::Tensor quant_linear(torch::Tensor x, torch::Tensor data, int64_t fmt, int
   // x as fp32 in the weight's group order (nf4: odd elements then even ones), and per-group sums (q4_1).
   auto xf_t = x.to(at::kFloat).contiguous();
   if (fmt == kNF4) xf_t = xf_t.view({M, G, 16, 2}).transpose(2, 3).flip(2).contiguous().view({M, K});
-  torch::Tensor xsum_t;
+  at::Tensor xsum_t;
   if (fmt == kQ4_1) xsum_t = xf_t.view({M, G, kGroup}).sum(2).contiguous();
-  auto out = torch::empty({M, n_out}, x.options().dtype(at::kFloat));
+  auto out = x.new_empty({M, n_out}, x.options().dtype(at::kFloat));
   if (M > 0) {
     const float* xsum = fmt == kQ4_1 ? xsum_t.data_ptr<float>() : nullptr;
     if (impl == 0 && quant_linear_vectorized())

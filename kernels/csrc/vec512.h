@@ -2,7 +2,9 @@
 // (bf16 widened to fp32 on load, rounded to nearest even on store), rounding to bf16 precision,
 // and a vectorized exp. LORAMUX_AVX512 is defined when the compiler targets AVX-512 F/BW/VL.
 #pragma once
-#include <torch/extension.h>
+#include <c10/util/BFloat16.h>
+
+#include <type_traits>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>

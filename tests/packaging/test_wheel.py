@@ -79,7 +79,8 @@ def test_wheel_installs_and_serves_with_fused_cpu_ops(tmp_path):
     import zipfile
 
     names = set(zipfile.ZipFile(wheel).namelist())
-    for header in ("kernels/csrc/loramux_cpu.h", "kernels/csrc/vec512.h", "kernels/csrc/bindings.cpp"):
+    for header in ("kernels/csrc/loramux_cpu.h", "kernels/csrc/decode_loop.h", "kernels/csrc/vec512.h",
+                   "kernels/csrc/bindings.cpp"):
         assert header in names, f"{header} missing from the wheel"
 
     venv = tmp_path / "venv"
