@@ -3,7 +3,7 @@
 // (decode_loop.cpp).
 #pragma once
 // Light ATen headers only: torch/extension.h (pybind11 and the whole C++ frontend) costs about 35 s of
-// parsing per translation unit, so only bindings.cpp and decode_loop.cpp (which bind to Python) include it.
+// parsing per translation unit, so only bindings.cpp (the pybind11 module) includes it.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
