@@ -32,6 +32,8 @@ class ServerSettings:
     max_cpu_adapters: int = 64  # adapters kept in host memory (LRU) above the device slots
     gpu_memory_utilization: float = 0.85  # CUDA: share of free device memory the KV cache may take
     max_num_batched_tokens: int = 2048  # per-step token budget (prefill chunks + decodes)
+    # prefill beside decode rows adds at most this multiple of a decode-only step (0: off; docs/long_context.md)
+    max_decode_stall: float = 1.5
     max_lora_rank: int = 16  # slot buffers are padded to this rank (vLLM default): raise it for bigger adapters
     kv_cache_tokens: int | None = None  # None: sized automatically from free memory
     prefix_caching: str = "on"  # reuse the KV of cached block-aligned prompt prefixes (per adapter version)
@@ -75,6 +77,8 @@ class ServerSettings:
         if self.max_num_batched_tokens < self.max_batch_size:
             raise ValueError(f"--max-num-batched-tokens: must be >= --max-batch-size ({self.max_batch_size}), "
                              "so every running sequence can decode in one step")
+        if not (self.max_decode_stall >= 0):
+            raise ValueError("--max-decode-stall: must be >= 0 (0: off)")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < 1:
             raise ValueError("--kv-cache-tokens: must be >= 1")
         if self.prefix_caching not in ("on", "off"):
@@ -150,6 +154,10 @@ _FLAGS: list[tuple[str, object, str]] = [
     ("gpu-memory-utilization", float, "CUDA: share of free device memory the KV cache may take when "
      "--kv-cache-tokens is auto"),
     ("max-num-batched-tokens", int, "per-step token budget (prefill chunks + decodes); >= --max-batch-size"),
+    ("max-decode-stall", float, "in a step that carries decode rows, prefill chunks may add at most this "
+     "multiple of the measured decode-only step time, so a long prompt cannot stall running streams "
+     "(their inter-token latency stays within about 1 + this times its usual value); a prompt with no "
+     "stream beside it prefills at the full budget. 0: off (docs/long_context.md)"),
     ("max-lora-rank", int, "largest accepted LoRA rank"),
     ("kv-cache-tokens", _opt_int, "KV cache capacity in tokens (auto: from free memory)"),
     ("prefix-caching", str, "on | off: keep the KV of finished requests' full blocks and reuse the longest "

@@ -206,7 +206,8 @@ def engine_configs(settings: ServerSettings, adapter_slots: int | None = None,
     `adapter_slots` is the auto slot count (used when --max-adapters-per-batch is auto; without it, 8)."""
     sched = SchedulerConfig(max_num_seqs=settings.max_batch_size, max_waiting=settings.max_waiting,
                             max_num_batched_tokens=settings.max_num_batched_tokens,
-                            max_model_len=settings.max_model_len)
+                            max_model_len=settings.max_model_len,
+                            max_decode_stall=settings.max_decode_stall or None)
     slots = settings.max_adapters_per_batch or adapter_slots or min(8, settings.max_batch_size)
     lora = LoRASettings(max_slots=slots, max_lora_rank=settings.max_lora_rank,
                         host_cache_size=max(settings.max_cpu_adapters, slots))

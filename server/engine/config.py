@@ -62,6 +62,12 @@ class SchedulerConfig:
     # token's own linear layers (FLOPs; the builder derives it from the model's shapes). A token at
     # position p costs 1 + (p + 1) / attention_cost_len budget units. None: count tokens only.
     attention_cost_len: float | None = None
+    # Decode protection: in a step that carries decode rows, prefill chunks may add at most this many
+    # times the measured decode-only step time (the engine reports each step's time to
+    # Scheduler.observe_step; chunk cost is converted to seconds by a running estimate). A long prompt
+    # then cannot multiply the inter-token latency of the streams it shares steps with; alone, it
+    # prefills at the full budget. None: the budget alone limits chunks.
+    max_decode_stall: float | None = None
 
     def __post_init__(self) -> None:
         _require(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
@@ -77,6 +83,8 @@ class SchedulerConfig:
         _require(self.max_waiting >= 1, "max_waiting", "must be >= 1")
         _require(self.starvation_steps >= 1, "starvation_steps", "must be >= 1")
         _require(self.attention_cost_len is None or self.attention_cost_len > 0, "attention_cost_len",
+                 "must be > 0 or None")
+        _require(self.max_decode_stall is None or self.max_decode_stall > 0, "max_decode_stall",
                  "must be > 0 or None")
 
 

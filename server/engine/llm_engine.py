@@ -107,7 +107,9 @@ class LLMEngine:
             if sched_out.is_empty:
                 return self._process(self.scheduler.update_from_output(sched_out, {}))
         try:
+            t0 = time.perf_counter()
             result = self.runner.execute(sched_out)
+            elapsed = time.perf_counter() - t0
         except SlotLoadError as exc:  # one adapter cannot be loaded: fail its requests only
             log.warning("adapter load failed: %s", exc)
             with guard:
@@ -135,6 +137,7 @@ class LLMEngine:
             c.steps += 1
             c.scheduled_sequences += len(sched_out.scheduled)
             c.batched_tokens += result.num_tokens
+            self.scheduler.observe_step(sched_out, elapsed)  # decode protection's step-time estimates
             outs = self.scheduler.update_from_output(sched_out, result.sampled, result.logprobs)
             return self._process(outs, result.grammar_done)
 

@@ -16,6 +16,10 @@ Data flow, once per engine step (schedule -> execute -> update):
   a chunk's tokens also attend over everything before them, so a chunk deep into a long prompt
   gets fewer tokens than one at its start (`chunk_cost`). Decode rows are charged but never
   refused, so a long prompt's chunks take only what the decodes leave.
+  Decode protection (`max_decode_stall`): in a step that carries decode rows, prefill chunks may
+  add at most that multiple of a decode-only step's time. The engine reports each step's model time
+  (`observe_step`); running estimates of the decode-only step and of the seconds per unit of chunk
+  cost turn the multiple into budget units. A prompt with no decode row beside it is not capped.
 - The runner executes the `SchedulerOutput` and samples one token per `do_sample` row.
 - `update_from_output()` registers the full blocks the step computed in the prefix cache, appends
   the sampled tokens, applies token-level stop rules, frees finished requests and returns one
@@ -82,6 +86,8 @@ class SchedulerOutput:
     adapter_keys: frozenset[int]  # distinct adapters in this step (base excluded)
     step: int
     cost: float = 0.0  # budget units charged (== num_batched_tokens without attention_cost_len)
+    prefill_cost: float = 0.0  # the part of `cost` charged to chunks of more than one token
+    num_decode_rows: int = 0  # rows computing a single token
 
     @property
     def is_empty(self) -> bool:
@@ -107,6 +113,11 @@ class Scheduler:
         self.step = 0
         self._finished_ids: list[str] = []  # for the next SchedulerOutput
         self._pending_outputs: list[RequestOutput] = []  # aborts, for the next update
+        # decode protection (observe_step): seconds of a decode-only step, seconds per unit of chunk cost
+        self.decode_step_s: float | None = None
+        self._extra_s = 0.0  # running sums (EWMA) of prefill steps' time beyond a decode-only step...
+        self._extra_cost = 0.0  # ...and of their prefill cost
+        self._prefill_left = math.inf  # budget units prefill chunks may still take this step
 
     # --- queries ------------------------------------------------------------------------------
     @property
@@ -200,6 +211,7 @@ class Scheduler:
         budget = float(self.cfg.max_num_batched_tokens)
         scheduled: list[ScheduledRequest] = []
         preempted: list[str] = []
+        self._prefill_left = self.prefill_cap()
 
         # 1. Running requests, oldest first. When KV runs out, the newest running one yields.
         i = 0
@@ -208,7 +220,7 @@ class Scheduler:
             remaining = req.num_tokens - req.num_computed_tokens
             # A prefill chunk may use only what the younger running requests' decodes leave.
             left = budget if remaining <= 1 else budget - self._decode_cost(self.running[i + 1 :])
-            n = self._chunk_len(req.num_computed_tokens, remaining, left)
+            n = self._prefill_len(req.num_computed_tokens, remaining, left, scheduled)
             if n == 0:  # waiting for the token of an un-updated step, or no budget left for a chunk
                 i += 1
                 continue
@@ -238,6 +250,8 @@ class Scheduler:
             adapter_keys=keys,
             step=self.step,
             cost=self.cfg.max_num_batched_tokens - budget,
+            prefill_cost=sum(self.chunk_cost(s.start, s.num_new_tokens) for s in scheduled if s.num_new_tokens > 1),
+            num_decode_rows=sum(1 for s in scheduled if s.num_new_tokens == 1),
         )
 
     # --- the cost model ------------------------------------------------------------------------
@@ -271,6 +285,60 @@ class Scheduler:
         while n > 0 and self.chunk_cost(start, n) > budget + 1e-9:
             n -= 1
         return max(0, n)
+
+    def _prefill_len(self, start: int, remaining: int, budget: float, scheduled: list[ScheduledRequest]) -> int:
+        """`_chunk_len` under the step's prefill cap as well. The first prefill chunk of a step gets
+        at least one token when the budget allows it, so a prompt deep into a long context, whose
+        single token costs more than the cap, still advances."""
+        if remaining <= 1 or self._prefill_left == math.inf:
+            return self._chunk_len(start, remaining, budget)
+        n = self._chunk_len(start, remaining, min(budget, self._prefill_left))
+        if n == 0 and not any(s.num_new_tokens > 1 for s in scheduled):
+            n = min(1, self._chunk_len(start, remaining, budget))
+        return n
+
+    # --- decode protection ---------------------------------------------------------------------
+    # Estimates move by this share of each new observation. Before any prefill was timed, a chunk
+    # beside decode rows takes PROBE_COST units: enough to time, too little to stall anyone.
+    EWMA = 0.25
+    PROBE_COST = 16.0
+
+    @property
+    def prefill_s_per_cost(self) -> float | None:
+        """Seconds one unit of chunk cost adds to a step (a ratio of running sums: small chunks,
+        whose time is mostly noise, weigh little)."""
+        if self._extra_cost <= 0:
+            return None
+        return max(self._extra_s, 0.0) / self._extra_cost or None
+
+    def prefill_cap(self) -> float:
+        """Budget units the prefill chunks of the next step may take: max_decode_stall x the
+        decode-only step time, in units of chunk cost; inf when nothing limits them (off, no decode
+        row running, or no decode-only step timed yet)."""
+        stall = self.cfg.max_decode_stall
+        if stall is None or self.decode_step_s is None:
+            return math.inf
+        if not any(r.num_tokens - r.num_computed_tokens == 1 for r in self.running):
+            return math.inf
+        per_cost = self.prefill_s_per_cost
+        if per_cost is None:
+            return self.PROBE_COST
+        return max(1.0, stall * self.decode_step_s / per_cost)
+
+    def observe_step(self, sched_out: SchedulerOutput, seconds: float) -> None:
+        """The model time of a step this scheduler planned (the engine measures it). A step without
+        prefill updates the decode-only estimate; a step with prefill adds its time beyond a
+        decode-only step (all of it when it has no decode row: the unit price then errs high, so the
+        cap errs small) and its prefill cost to the running sums whose ratio is the unit price."""
+        if self.cfg.max_decode_stall is None or not sched_out.scheduled or not seconds > 0:
+            return
+        a = self.EWMA
+        if sched_out.prefill_cost == 0:
+            self.decode_step_s = seconds if self.decode_step_s is None else (1 - a) * self.decode_step_s + a * seconds
+            return
+        base = self.decode_step_s if sched_out.num_decode_rows and self.decode_step_s is not None else 0.0
+        self._extra_s = (1 - a) * self._extra_s + a * (seconds - base)
+        self._extra_cost = (1 - a) * self._extra_cost + a * sched_out.prefill_cost
 
     def update_from_output(
         self,
@@ -310,7 +378,10 @@ class Scheduler:
         req.num_computed_tokens += n
         do_sample = req.num_computed_tokens == req.num_tokens
         scheduled.append(ScheduledRequest(req, n, start, tuple(req.block_ids), do_sample))
-        return self.chunk_cost(start, n)
+        cost = self.chunk_cost(start, n)
+        if n > 1:
+            self._prefill_left -= cost
+        return cost
 
     def _admit(self, budget: float, scheduled: list[ScheduledRequest]) -> float:
         cfg, bm = self.cfg, self.block_manager
@@ -334,7 +405,7 @@ class Scheduler:
             assert req.num_computed_tokens == 0 and not req.block_ids
             hits = bm.match_prefix(req)
             start = len(hits) * bm.block_size
-            n = self._chunk_len(start, req.num_tokens - start, budget)
+            n = self._prefill_len(start, req.num_tokens - start, budget, scheduled)
             need = bm.blocks_for_tokens(start + n) - len(hits)
             # Sharing a cached block nobody holds takes it out of the free pool too.
             if n == 0 or need + bm.num_evictable(hits) > bm.num_free_blocks:

@@ -1,0 +1,165 @@
+"""Decode protection (`SchedulerConfig.max_decode_stall`, `--max-decode-stall`) without a model.
+
+The scheduler turns "a prefill may add at most X decode-only steps of time" into budget units from
+the step times the engine reports (`observe_step`). Here a virtual clock plays the machine: a step
+costs DECODE_S when it carries decode rows plus PER_COST_S per unit of chunk cost (the shape measured
+on the 2-core CPU: ~130 ms per 16-row decode step, ~7 ms per prefill token), so the feedback loop is
+tested deterministically, with no wall clock and no sleeping.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from server.engine.config import CacheConfig, SchedulerConfig
+from server.engine.request import Request
+from server.engine.sampling_params import SamplingParams
+from server.engine.scheduler import Scheduler
+from server.settings import ServerSettings
+from tests.server.engine.test_scheduler import EOS, step
+
+DECODE_S, PER_COST_S = 0.13, 0.007
+COST_LEN = 3072.0  # SmolLM2-135M's attention_cost_len
+
+
+def make(stall: float | None, budget: int = 2048) -> Scheduler:
+    return Scheduler(SchedulerConfig(max_num_seqs=32, max_num_batched_tokens=budget, attention_cost_len=COST_LEN,
+                                     max_decode_stall=stall),
+                     CacheConfig(block_size=16, num_blocks=4096, enable_prefix_caching=False))
+
+
+def rq(rid: str, n_prompt: int, max_tokens: int) -> Request:
+    prompt = [1000 + (i * 7919 + len(rid)) % 40000 for i in range(n_prompt)]
+    return Request(rid, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True), eos_token_ids=(EOS,))
+
+
+def virtual_seconds(out) -> float:
+    """What the step 'took' on the virtual machine."""
+    return (DECODE_S if out.num_decode_rows else 0.0) + PER_COST_S * out.prefill_cost
+
+
+def run_step(s: Scheduler):
+    out, outputs = step(s)
+    seconds = virtual_seconds(out)
+    s.observe_step(out, seconds)
+    return out, outputs, seconds
+
+
+def start_streams(s: Scheduler, n: int = 16) -> None:
+    for i in range(n):
+        s.add_request(rq(f"s{i}", 32, 4000))
+    while any(r.num_output_tokens == 0 for r in s.running) or s.waiting:
+        run_step(s)
+    for _ in range(3):  # decode-only steps: the scheduler learns DECODE_S
+        out, _, _ = run_step(s)
+        assert out.prefill_cost == 0 and out.num_decode_rows == n
+
+
+def prefill_long(s: Scheduler, n_prompt: int) -> list[tuple[float, float, int]]:
+    """(step seconds, chunk cost, the long prompt's tokens in the step) of every step until the long
+    prompt samples its first token; it is never preempted (the pool holds everything)."""
+    s.add_request(rq("long", n_prompt, 1))
+    steps = []
+    for _ in range(5000):
+        out, outputs, seconds = run_step(s)
+        assert not out.preempted_ids
+        n = sum(x.num_new_tokens for x in out.scheduled if x.request_id == "long")
+        steps.append((seconds, out.prefill_cost, n))
+        if any(o.request_id == "long" for o in outputs):
+            return steps
+    raise AssertionError("the long prompt never finished its prefill")
+
+
+def test_long_prompt_beside_streams_adds_at_most_the_stall_multiple():
+    s = make(stall=1.5)
+    start_streams(s)
+    steps = prefill_long(s, 8192)
+    assert s.decode_step_s == pytest.approx(DECODE_S)
+    assert s.prefill_s_per_cost == pytest.approx(PER_COST_S, rel=0.02)  # priced by the streams' prefill
+    # Every step with the long prompt's chunk stays within (1 + 1.5) decode-only steps, and uses it.
+    worst = max(sec for sec, _, _ in steps)
+    assert (1 + 1.4) * DECODE_S <= worst <= (1 + 1.5) * DECODE_S * 1.01, worst
+    # Chunks shrink as the context grows (each token attends over more) but never stop.
+    tokens = [n for _, _, n in steps]
+    assert all(n > 0 for n in tokens) and tokens[0] > 3 * tokens[-1]
+    assert sum(tokens) == 8192
+
+
+def test_an_unpriced_prefill_starts_with_a_probe_chunk():
+    s = make(stall=1.5)
+    start_streams(s, n=4)
+    s._extra_s = s._extra_cost = 0.0  # forget the streams' prefill: the price of a unit is unknown
+    steps = prefill_long(s, 2048)
+    assert steps[0][1] == pytest.approx(Scheduler.PROBE_COST, abs=1)  # small, and then priced
+    assert s.prefill_s_per_cost == pytest.approx(PER_COST_S, rel=0.02)
+    assert max(sec for sec, _, _ in steps) <= (1 + 1.5) * DECODE_S * 1.01
+
+
+def test_without_protection_the_budget_alone_decides():
+    s = make(stall=None)
+    start_streams(s)
+    steps = prefill_long(s, 8192)
+    assert s.decode_step_s is None and s.prefill_s_per_cost is None  # nothing is estimated
+    assert max(sec for sec, _, _ in steps) > 10 * DECODE_S  # the stall the protection removes
+
+
+def test_a_prompt_with_no_stream_beside_it_prefills_at_the_full_budget():
+    s = make(stall=1.5, budget=512)
+    start_streams(s, n=2)
+    for r in list(s.running):  # the streams go: only the long prompt is left
+        s.abort(r.request_id)
+    steps = prefill_long(s, 2048)
+    # Nothing decodes beside it, so nothing caps it: every chunk but the last fills the budget.
+    assert all(cost >= 512 - 4 for _, cost, _ in steps[:-1]), steps
+    assert s.prefill_cap() == math.inf
+
+
+def test_a_token_dearer_than_the_cap_still_advances():
+    s = make(stall=0.01)  # cap far below one token's cost deep in the prompt
+    start_streams(s, n=2)
+    steps = prefill_long(s, 1024)
+    assert all(n >= 1 for _, _, n in steps)  # one token per step at least: it finishes
+    assert sum(n for _, _, n in steps) == 1024
+
+
+def test_no_cap_before_a_decode_only_step_was_timed():
+    s = make(stall=1.5)
+    assert s.prefill_cap() == math.inf
+    s.add_request(rq("a", 32, 8))
+    run_step(s)  # prefill-only: prices chunks, says nothing about decode steps
+    assert s.decode_step_s is None and s.prefill_cap() == math.inf
+
+
+def test_flag_default_and_off():
+    from server.engine.builder import engine_configs
+
+    assert ServerSettings().max_decode_stall == 1.5
+    assert engine_configs(ServerSettings())[0].max_decode_stall == 1.5
+    assert engine_configs(ServerSettings(max_decode_stall=0))[0].max_decode_stall is None
+    assert ServerSettings.from_args(["--max-decode-stall", "2.5"]).max_decode_stall == 2.5
+    for bad in ("-1", "nan"):
+        with pytest.raises(ValueError, match="--max-decode-stall"):
+            ServerSettings.from_args(["--max-decode-stall", bad])
+    with pytest.raises(ValueError, match="max_decode_stall"):
+        SchedulerConfig(max_decode_stall=0)
+
+
+def test_long_context_bench_runs_each_budget_with_each_stall(tmp_path):
+    """`python -m server.bench.long_context` end to end on the tiny model (small sizes): one record
+    per (stall, budget), the protection's rows marked, nothing left running."""
+    import json
+
+    from server.bench.long_context import main
+    from tests.real_server import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "tiny")
+    out = tmp_path / "lc.json"
+    assert main(["--model", str(model), "--dtype", "float32", "--long-tokens", "200", "--streams", "2",
+                 "--short-tokens", "8", "--budgets", "32,64", "--stalls", "1.5,0", "--baseline-steps", "3",
+                 "--json", str(out)]) == 0
+    records = json.loads(out.read_text())["records"]
+    assert [(r["max_decode_stall"], r["budget"]) for r in records] == [(1.5, 32), (1.5, 64), (0.0, 32), (0.0, 64)]
+    for r in records:
+        assert r["long_ttft_s"] > 0 and r["long_steps"] >= 1 and r["itl_p99_with_long_ms"] > 0
+    assert main(["--stalls", "x"]) == 2 and main(["--stalls", "-1"]) == 2
