@@ -51,12 +51,41 @@ _BLOCK_NAMES = {
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
-def _open(path: Path):
-    from gguf import GGUFReader
+class _TruncatedTensor(Exception):
+    pass
 
+
+def _checked_reader(path: Path):
+    """gguf's GGUFReader, but a tensor whose data runs past the end of the file is named (the plain
+    reader fails on a reshape deep inside numpy, naming nothing)."""
+    from gguf import GGUFReader
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    class CheckedReader(GGUFReader):
+        def _build_tensors(self, start_offs, fields):
+            size = len(self.data)
+            for field in fields:
+                try:  # the tensor-info layout GGUFReader._build_tensors reads
+                    _, name_data, _, dims, raw_dtype, offset_tensor = field.parts
+                    block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(int(raw_dtype[0]))]
+                    end = int(start_offs + offset_tensor[0]) + int(np.prod(dims)) * type_size // block
+                except Exception:  # noqa: BLE001 - anything odd is left to the reader's own checks
+                    continue
+                if end > size:
+                    name = bytes(name_data).decode("utf-8", "replace")
+                    raise _TruncatedTensor(f"tensor {name}: its data ends at byte {end}, past the end of the "
+                                           f"file ({size} bytes)")
+            super()._build_tensors(start_offs, fields)
+
+    return CheckedReader(str(path))
+
+
+def _open(path: Path):
     try:
-        return GGUFReader(str(path))
-    except Exception as e:  # truncated/corrupt files fail in numpy memmap or header parsing
+        return _checked_reader(path)
+    except _TruncatedTensor as e:
+        raise ModelLoadError(f"{path}: truncated GGUF file: {e}") from None
+    except Exception as e:  # corrupt files fail in numpy memmap or header parsing
         raise ModelLoadError(f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})") from None
 
 

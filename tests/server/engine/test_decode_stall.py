@@ -131,9 +131,13 @@ def test_no_cap_before_a_decode_only_step_was_timed():
     assert s.decode_step_s is None and s.prefill_cap() == math.inf
 
 
-def test_flag_default_and_off():
+def test_flag_default_and_off(capsys):
+    from server.cli import build_parser
     from server.engine.builder import engine_configs
 
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    assert "--max-decode-stall" in capsys.readouterr().out
     assert ServerSettings().max_decode_stall == 1.5
     assert engine_configs(ServerSettings())[0].max_decode_stall == 1.5
     assert engine_configs(ServerSettings(max_decode_stall=0))[0].max_decode_stall is None

@@ -26,6 +26,7 @@ def test_serve_help_shows_quantize(capsys):
         build_parser().parse_args(["serve", "--help"])
     out = capsys.readouterr().out
     assert "--quantize" in out and "nf4" in out
+    assert "embedded --model default" in " ".join(out.split())  # auto's one exception is stated
     with pytest.raises(ValueError, match="--quantize"):
         ServerSettings(quantize="int3")
     assert ServerSettings.from_args(["--quantize", "int8"]).quantize == "int8"
@@ -59,12 +60,16 @@ def test_bad_file_stops_the_server_before_it_starts(tmp_path):
     path = tmp_path / "bad.gguf"
     write_tiny_gguf(path, hf, "q8_0")
     data = bytearray(path.read_bytes())
+    from gguf import GGUFReader
+
+    last = max(GGUFReader(str(path)).tensors, key=lambda t: t.data_offset).name
     # truncate: the last tensor's blocks are cut short
     path.write_bytes(bytes(data[: len(data) - 100]))
     settings = real_settings(path, tmp_path / "adapters")
     with pytest.raises(ModelLoadError) as e:
         build_async_engine(settings)
     assert "\n" not in str(e.value) and "truncated" in str(e.value)
+    assert f"tensor {last}:" in str(e.value)  # the tensor is named
 
 
 def test_shape_not_whole_blocks_names_the_tensor(tmp_path):
