@@ -1,10 +1,11 @@
 """Decode protection (`SchedulerConfig.max_decode_stall`, `--max-decode-stall`) without a model.
 
-The scheduler turns "a prefill may add at most X decode-only steps of time" into budget units from
+The scheduler turns "a prefill may add at most X decode-only steps of time" into chunk lengths from
 the step times the engine reports (`observe_step`). Here a virtual clock plays the machine: a step
-costs DECODE_S when it carries decode rows plus PER_COST_S per unit of chunk cost (the shape measured
-on the 2-core CPU: ~130 ms per 16-row decode step, ~7 ms per prefill token), so the feedback loop is
-tested deterministically, with no wall clock and no sleeping.
+costs DECODE_S when it carries decode rows, plus PER_COST_S per unit of chunk cost, plus PER_CTX_S
+per cached context token a chunk reads (the shape measured on the 2-core CPU: ~120 ms per 16-row
+decode step, ~5 ms per prefill token, ~25 ms per 1k tokens of context a chunk attends over), so the
+feedback loop is tested deterministically, with no wall clock and no sleeping.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from server.engine.scheduler import Scheduler
 from server.settings import ServerSettings
 from tests.server.engine.test_scheduler import EOS, step
 
-DECODE_S, PER_COST_S = 0.13, 0.007
+DECODE_S, PER_COST_S, PER_CTX_S = 0.12, 0.005, 0.000025
 COST_LEN = 3072.0  # SmolLM2-135M's attention_cost_len
 
 
@@ -34,14 +35,14 @@ def rq(rid: str, n_prompt: int, max_tokens: int) -> Request:
     return Request(rid, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True), eos_token_ids=(EOS,))
 
 
-def virtual_seconds(out) -> float:
+def virtual_seconds(out, per_ctx: float = PER_CTX_S) -> float:
     """What the step 'took' on the virtual machine."""
-    return (DECODE_S if out.num_decode_rows else 0.0) + PER_COST_S * out.prefill_cost
+    return (DECODE_S if out.num_decode_rows else 0.0) + PER_COST_S * out.prefill_cost + per_ctx * out.prefill_context
 
 
-def run_step(s: Scheduler):
+def run_step(s: Scheduler, per_ctx: float = PER_CTX_S):
     out, outputs = step(s)
-    seconds = virtual_seconds(out)
+    seconds = virtual_seconds(out, per_ctx)
     s.observe_step(out, seconds)
     return out, outputs, seconds
 
@@ -56,13 +57,13 @@ def start_streams(s: Scheduler, n: int = 16) -> None:
         assert out.prefill_cost == 0 and out.num_decode_rows == n
 
 
-def prefill_long(s: Scheduler, n_prompt: int) -> list[tuple[float, float, int]]:
+def prefill_long(s: Scheduler, n_prompt: int, per_ctx: float = PER_CTX_S) -> list[tuple[float, float, int]]:
     """(step seconds, chunk cost, the long prompt's tokens in the step) of every step until the long
     prompt samples its first token; it is never preempted (the pool holds everything)."""
     s.add_request(rq("long", n_prompt, 1))
     steps = []
     for _ in range(5000):
-        out, outputs, seconds = run_step(s)
+        out, outputs, seconds = run_step(s, per_ctx)
         assert not out.preempted_ids
         n = sum(x.num_new_tokens for x in out.scheduled if x.request_id == "long")
         steps.append((seconds, out.prefill_cost, n))
@@ -74,33 +75,53 @@ def prefill_long(s: Scheduler, n_prompt: int) -> list[tuple[float, float, int]]:
 def test_long_prompt_beside_streams_adds_at_most_the_stall_multiple():
     s = make(stall=1.5)
     start_streams(s)
-    steps = prefill_long(s, 8192)
+    steps = prefill_long(s, 6144)
     assert s.decode_step_s == pytest.approx(DECODE_S)
-    assert s.prefill_s_per_cost == pytest.approx(PER_COST_S, rel=0.02)  # priced by the streams' prefill
-    # Every step with the long prompt's chunk stays within (1 + 1.5) decode-only steps, and uses it.
-    worst = max(sec for sec, _, _ in steps)
-    assert (1 + 1.4) * DECODE_S <= worst <= (1 + 1.5) * DECODE_S * 1.01, worst
+    # Both prices are learnt: per unit of chunk cost, and per cached context token a chunk reads.
+    per_unit, per_ctx = s.prefill_price.fit()
+    assert per_unit == pytest.approx(PER_COST_S, rel=0.02) and per_ctx == pytest.approx(PER_CTX_S, rel=0.05)
+    # After the first few chunks (which teach the context price), every step with the long prompt's
+    # chunk stays within (1 + 1.5) decode-only steps, and uses most of it.
+    late = [sec for sec, _, _ in steps[8:]]
+    assert max(late) <= (1 + 1.5) * DECODE_S * 1.02, max(late)
+    assert sorted(late)[len(late) // 2] >= (1 + 1.2) * DECODE_S
     # Chunks shrink as the context grows (each token attends over more) but never stop.
     tokens = [n for _, _, n in steps]
     assert all(n > 0 for n in tokens) and tokens[0] > 3 * tokens[-1]
-    assert sum(tokens) == 8192
+    assert sum(tokens) == 6144
+
+
+def test_when_the_context_alone_costs_more_than_the_cap_one_token_per_step():
+    s = make(stall=1.5)
+    start_streams(s, n=4)
+    # 60 ms per 1k tokens of context: past 3k tokens, reading the context alone exceeds the cap of
+    # 1.5 decode steps, so no chunk fits: the prompt advances one token per step (a one-token chunk
+    # runs as a decode row does), never stalling the streams by more than that.
+    per_ctx = 0.00006
+    steps = prefill_long(s, 4096, per_ctx=per_ctx)
+    starts = [0]
+    for _, _, n in steps:
+        starts.append(starts[-1] + n)
+    beyond = [n for (_, _, n), start in zip(steps, starts, strict=False) if start * per_ctx > 1.5 * DECODE_S * 1.05]
+    assert beyond and set(beyond) == {1}
+    assert max(n for _, _, n in steps) > 16  # earlier, real chunks
+    assert sum(n for _, _, n in steps) == 4096
 
 
 def test_an_unpriced_prefill_starts_with_a_probe_chunk():
     s = make(stall=1.5)
     start_streams(s, n=4)
-    s._extra_s = s._extra_cost = 0.0  # forget the streams' prefill: the price of a unit is unknown
+    s.prefill_price = type(s.prefill_price)()  # forget the streams' prefill: the price is unknown
     steps = prefill_long(s, 2048)
     assert steps[0][1] == pytest.approx(Scheduler.PROBE_COST, abs=1)  # small, and then priced
-    assert s.prefill_s_per_cost == pytest.approx(PER_COST_S, rel=0.02)
-    assert max(sec for sec, _, _ in steps) <= (1 + 1.5) * DECODE_S * 1.01
+    assert s.prefill_price.fit() is not None
 
 
 def test_without_protection_the_budget_alone_decides():
     s = make(stall=None)
     start_streams(s)
     steps = prefill_long(s, 8192)
-    assert s.decode_step_s is None and s.prefill_s_per_cost is None  # nothing is estimated
+    assert s.decode_step_s is None and s.prefill_price.fit() is None  # nothing is estimated
     assert max(sec for sec, _, _ in steps) > 10 * DECODE_S  # the stall the protection removes
 
 
@@ -112,7 +133,7 @@ def test_a_prompt_with_no_stream_beside_it_prefills_at_the_full_budget():
     steps = prefill_long(s, 2048)
     # Nothing decodes beside it, so nothing caps it: every chunk but the last fills the budget.
     assert all(cost >= 512 - 4 for _, cost, _ in steps[:-1]), steps
-    assert s.prefill_cap() == math.inf
+    assert s.prefill_cap_s() == math.inf
 
 
 def test_a_token_dearer_than_the_cap_still_advances():
@@ -125,10 +146,10 @@ def test_a_token_dearer_than_the_cap_still_advances():
 
 def test_no_cap_before_a_decode_only_step_was_timed():
     s = make(stall=1.5)
-    assert s.prefill_cap() == math.inf
+    assert s.prefill_cap_s() == math.inf
     s.add_request(rq("a", 32, 8))
     run_step(s)  # prefill-only: prices chunks, says nothing about decode steps
-    assert s.decode_step_s is None and s.prefill_cap() == math.inf
+    assert s.decode_step_s is None and s.prefill_cap_s() == math.inf
 
 
 def test_flag_default_and_off(capsys):
