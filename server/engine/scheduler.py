@@ -296,22 +296,25 @@ class Scheduler:
 
     def _prefill_len(self, start: int, remaining: int, budget: float, scheduled: list[ScheduledRequest]) -> int:
         """`_chunk_len` under the step's prefill time cap as well: the most tokens whose predicted
-        time fits what is left of it. The first prefill chunk of a step gets at least one token when
-        the budget allows, so a prompt whose single next token already costs more than the cap (deep
-        into a long context) still advances, one token per step."""
+        time fits what is left of it. When the first prefill chunk of a step cannot fit even one
+        token because reading its context alone costs more than the cap (deep into a long prompt on
+        a slow machine), the context's part is not counted: the chunk gets the cap for its tokens,
+        so the prompt keeps a useful pace (one token per step would take thousands of steps) and the
+        streams' stall is bounded by the cap plus that context read."""
         n = self._chunk_len(start, remaining, budget)
         if remaining <= 1 or self._prefill_left_s == math.inf or n == 0:
             return n
         left = self._prefill_left_s
+        first = all(s.is_decode for s in scheduled)
+        if first and self._chunk_seconds(start, 1) > left:
+            left += self._price[1] * start  # only the tokens' own time counts against the cap
         if self._chunk_seconds(start, n) > left:
             lo, hi = 0, n  # the largest n' < n that fits (time grows with n')
             while hi - lo > 1:
                 mid = (lo + hi) // 2
                 lo, hi = (mid, hi) if self._chunk_seconds(start, mid) <= left else (lo, mid)
             n = lo
-        if n == 0 and all(s.is_decode for s in scheduled):
-            n = 1
-        return n
+        return 1 if n == 0 and first else n
 
     # --- decode protection ---------------------------------------------------------------------
     # The decode-only estimate moves by EWMA of each new step; before any prefill was timed, a chunk
