@@ -156,7 +156,7 @@ _FLAGS: list[tuple[str, object, str]] = [
     ("max-num-batched-tokens", int, "per-step token budget (prefill chunks + decodes); >= --max-batch-size"),
     ("max-decode-stall", float, "in a step that carries decode rows, prefill chunks may add at most this "
      "multiple of the measured decode-only step time, so a long prompt cannot stall running streams "
-     "(their inter-token latency stays within about 1 + this times its usual value); a prompt with no "
+     "(their typical inter-token latency stays near 1 + this times its usual value); a prompt with no "
      "stream beside it prefills at the full budget. 0: off (docs/long_context.md)"),
     ("max-lora-rank", int, "largest accepted LoRA rank"),
     ("kv-cache-tokens", _opt_int, "KV cache capacity in tokens (auto: from free memory)"),
