@@ -18,9 +18,8 @@ Data flow, once per engine step (schedule -> execute -> update):
   refused, so a long prompt's chunks take only what the decodes leave.
   Decode protection (`max_decode_stall`): in a step that carries decode rows, prefill chunks may
   add at most that multiple of a decode-only step's time. The engine reports each step's model time
-  (`observe_step`); a running estimate of the decode-only step and a fitted price of prefill
-  (`PrefillPrice`: seconds per unit of chunk cost, plus seconds per cached context token a chunk
-  reads) turn the multiple into a chunk length. A prompt with no decode row beside it is not capped.
+  (`observe_step`); `DecodeProtection` (decode_protection.py) keeps a running estimate of the
+  decode-only step and a fitted price of prefill and turns the multiple into a chunk length. A prompt with no decode row beside it is not capped.
 - The runner executes the `SchedulerOutput` and samples one token per `do_sample` row.
 - `update_from_output()` registers the full blocks the step computed in the prefix cache, appends
   the sampled tokens, applies token-level stop rules, frees finished requests and returns one
@@ -49,6 +48,7 @@ from dataclasses import dataclass
 
 from server.engine.block_manager import BlockManager
 from server.engine.config import CacheConfig, SchedulerConfig
+from server.engine.decode_protection import DecodeProtection
 from server.engine.outputs import RequestOutput, TokenLogprob
 from server.engine.request import Request, RequestStatus
 
@@ -121,10 +121,7 @@ class Scheduler:
         self._finished_ids: list[str] = []  # for the next SchedulerOutput
         self._pending_outputs: list[RequestOutput] = []  # aborts, for the next update
         # decode protection (observe_step): seconds of a decode-only step, seconds per unit of chunk cost
-        self.decode_step_s: float | None = None
-        self.prefill_price = PrefillPrice()
-        self._prefill_left_s = math.inf  # seconds prefill chunks may still add to this step
-        self._price = (0.0, 0.0)  # this step's (seconds per cost unit, per cached context token)
+        self.protection = DecodeProtection(sched_cfg.max_decode_stall)
 
     # --- queries ------------------------------------------------------------------------------
     @property
@@ -218,7 +215,7 @@ class Scheduler:
         budget = float(self.cfg.max_num_batched_tokens)
         scheduled: list[ScheduledRequest] = []
         preempted: list[str] = []
-        self._start_step_cap()
+        self.protection.start_step(any(r.num_tokens - r.num_computed_tokens == 1 for r in self.running))
 
         # 1. Running requests, oldest first. When KV runs out, the newest running one yields.
         i = 0
@@ -295,69 +292,17 @@ class Scheduler:
         return max(0, n)
 
     def _prefill_len(self, start: int, remaining: int, budget: float, scheduled: list[ScheduledRequest]) -> int:
-        """`_chunk_len` under the step's prefill time cap as well: the most tokens whose predicted
-        time fits what is left of it. When the first prefill chunk of a step cannot fit even one
-        token because reading its context alone costs more than the cap (deep into a long prompt on
-        a slow machine), the context's part is not counted: the chunk gets the cap for its tokens,
-        so the prompt keeps a useful pace (one token per step would take thousands of steps) and the
-        streams' stall is bounded by the cap plus that context read."""
+        """`_chunk_len` under the step's decode-protection cap as well (decode_protection.py)."""
         n = self._chunk_len(start, remaining, budget)
-        if remaining <= 1 or self._prefill_left_s == math.inf or n == 0:
+        if remaining <= 1 or n == 0:
             return n
-        left = self._prefill_left_s
-        first = all(s.is_decode for s in scheduled)
-        if first and self._chunk_seconds(start, 1) > left:
-            left += self._price[1] * start  # only the tokens' own time counts against the cap
-        if self._chunk_seconds(start, n) > left:
-            lo, hi = 0, n  # the largest n' < n that fits (time grows with n')
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                lo, hi = (mid, hi) if self._chunk_seconds(start, mid) <= left else (lo, mid)
-            n = lo
-        return 1 if n == 0 and first else n
-
-    # --- decode protection ---------------------------------------------------------------------
-    # The decode-only estimate moves by EWMA of each new step; before any prefill was timed, a chunk
-    # beside decode rows takes PROBE_COST units: enough to time, too little to stall anyone.
-    EWMA = 0.25
-    PROBE_COST = 16.0
-
-    def _chunk_seconds(self, start: int, n: int) -> float:
-        per_unit, per_ctx = self._price
-        return per_unit * self.chunk_cost(start, n) + (per_ctx * start if start else 0.0)
-
-    def prefill_cap_s(self) -> float:
-        """Seconds the prefill chunks of the next step may add: max_decode_stall x the decode-only
-        step time; inf when nothing limits them (off, no decode row running, or no decode-only step
-        timed yet)."""
-        stall = self.cfg.max_decode_stall
-        if stall is None or self.decode_step_s is None:
-            return math.inf
-        if not any(r.num_tokens - r.num_computed_tokens == 1 for r in self.running):
-            return math.inf
-        return stall * self.decode_step_s
-
-    def _start_step_cap(self) -> None:
-        self._prefill_left_s = self.prefill_cap_s()
-        if self._prefill_left_s == math.inf:
-            return
-        fit = self.prefill_price.fit()
-        # Unpriced yet: a probe of PROBE_COST units takes the whole cap.
-        self._price = fit if fit is not None else (self._prefill_left_s / self.PROBE_COST, 0.0)
+        return self.protection.chunk_len(start, n, self.chunk_cost, first=all(s.is_decode for s in scheduled))
 
     def observe_step(self, sched_out: SchedulerOutput, seconds: float) -> None:
-        """The model time of a step this scheduler planned (the engine measures it). A step without
-        prefill updates the decode-only estimate; a step with prefill gives the price model its time
-        beyond a decode-only step (all of it when it has no decode row: the price then errs high, so
-        the cap errs small)."""
-        if self.cfg.max_decode_stall is None or not sched_out.scheduled or not seconds > 0:
-            return
-        if sched_out.prefill_cost == 0:
-            a = self.EWMA
-            self.decode_step_s = seconds if self.decode_step_s is None else (1 - a) * self.decode_step_s + a * seconds
-            return
-        base = self.decode_step_s if sched_out.num_decode_rows and self.decode_step_s is not None else 0.0
-        self.prefill_price.add(sched_out.prefill_cost, sched_out.prefill_context, seconds - base)
+        """The model time of a step this scheduler planned (the engine measures it)."""
+        if sched_out.scheduled:
+            self.protection.observe(sched_out.prefill_cost, sched_out.prefill_context, sched_out.num_decode_rows,
+                                    seconds)
 
     def update_from_output(
         self,
@@ -397,8 +342,8 @@ class Scheduler:
         req.num_computed_tokens += n
         do_sample = req.num_computed_tokens == req.num_tokens
         scheduled.append(ScheduledRequest(req, n, start, tuple(req.block_ids), do_sample))
-        if self._prefill_left_s != math.inf and (n > 1 or not do_sample):  # a prefill chunk: less cap left
-            self._prefill_left_s -= self._chunk_seconds(start, n)
+        if n > 1 or not do_sample:  # a prefill chunk: less of the step's cap is left
+            self.protection.charge(start, self.chunk_cost(start, n))
         return self.chunk_cost(start, n)
 
     def _admit(self, budget: float, scheduled: list[ScheduledRequest]) -> float:
@@ -482,40 +427,3 @@ class Scheduler:
         req.status = status
         del self.requests[req.request_id]
         self._finished_ids.append(req.request_id)
-
-
-class PrefillPrice:
-    """What prefill chunks add to a step's time: `per_unit x cost + per_ctx x context`, where cost
-    is the chunk cost (`Scheduler.chunk_cost`: tokens plus their attention FLOPs) and context the
-    cached tokens the chunks read (each chunk gathers and attends over everything before it: a cost
-    per step, whatever its length, that dominates a small chunk deep into a long prompt). Least
-    squares over exponentially decayed sums of the timed steps; while the two terms cannot be told
-    apart (every observation with the same context share) or one fits negative, one price per unit
-    of cost, the ratio of the sums."""
-
-    DECAY = 0.02  # share of the sums each new observation takes (a long memory: the two terms vary slowly)
-
-    def __init__(self) -> None:
-        self.uu = self.uc = self.cc = self.uy = self.cy = 0.0
-
-    def add(self, units: float, context: float, seconds: float) -> None:
-        d = 1 - self.DECAY
-        self.uu = d * self.uu + units * units
-        self.uc = d * self.uc + units * context
-        self.cc = d * self.cc + context * context
-        self.uy = d * self.uy + units * seconds
-        self.cy = d * self.cy + context * seconds
-
-    def fit(self) -> tuple[float, float] | None:
-        """(seconds per cost unit, seconds per context token), or None before any observation."""
-        if self.uu <= 0:
-            return None
-        det = self.uu * self.cc - self.uc * self.uc
-        if det > 1e-3 * self.uu * self.cc:
-            per_unit = (self.uy * self.cc - self.uc * self.cy) / det
-            per_ctx = (self.uu * self.cy - self.uc * self.uy) / det
-            if per_unit > 0 and per_ctx >= 0:
-                return per_unit, per_ctx
-        per_unit = max(self.uy, 0.0) / self.uu
-        return (per_unit, 0.0) if per_unit > 0 else None
-

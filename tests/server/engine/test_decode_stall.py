@@ -14,6 +14,7 @@ import math
 import pytest
 
 from server.engine.config import CacheConfig, SchedulerConfig
+from server.engine.decode_protection import DecodeProtection
 from server.engine.request import Request
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import Scheduler
@@ -76,9 +77,9 @@ def test_long_prompt_beside_streams_adds_at_most_the_stall_multiple():
     s = make(stall=1.5)
     start_streams(s)
     steps = prefill_long(s, 6144)
-    assert s.decode_step_s == pytest.approx(DECODE_S)
+    assert s.protection.decode_step_s == pytest.approx(DECODE_S)
     # Both prices are learnt: per unit of chunk cost, and per cached context token a chunk reads.
-    per_unit, per_ctx = s.prefill_price.fit()
+    per_unit, per_ctx = s.protection.prefill_price.fit()
     assert per_unit == pytest.approx(PER_COST_S, rel=0.02) and per_ctx == pytest.approx(PER_CTX_S, rel=0.05)
     # After the first few chunks (which teach the context price), every step with the long prompt's
     # chunk stays within (1 + 1.5) decode-only steps, and uses most of it.
@@ -113,17 +114,17 @@ def test_when_the_context_alone_costs_more_than_the_cap_the_tokens_get_the_cap()
 def test_an_unpriced_prefill_starts_with_a_probe_chunk():
     s = make(stall=1.5)
     start_streams(s, n=4)
-    s.prefill_price = type(s.prefill_price)()  # forget the streams' prefill: the price is unknown
+    s.protection.prefill_price = type(s.protection.prefill_price)()  # forget the streams' prefill: the price is unknown
     steps = prefill_long(s, 2048)
-    assert steps[0][1] == pytest.approx(Scheduler.PROBE_COST, abs=1)  # small, and then priced
-    assert s.prefill_price.fit() is not None
+    assert steps[0][1] == pytest.approx(DecodeProtection.PROBE_COST, abs=1)  # small, and then priced
+    assert s.protection.prefill_price.fit() is not None
 
 
 def test_without_protection_the_budget_alone_decides():
     s = make(stall=None)
     start_streams(s)
     steps = prefill_long(s, 8192)
-    assert s.decode_step_s is None and s.prefill_price.fit() is None  # nothing is estimated
+    assert s.protection.decode_step_s is None and s.protection.prefill_price.fit() is None  # nothing is estimated
     assert max(sec for sec, _, _ in steps) > 10 * DECODE_S  # the stall the protection removes
 
 
@@ -135,7 +136,7 @@ def test_a_prompt_with_no_stream_beside_it_prefills_at_the_full_budget():
     steps = prefill_long(s, 2048)
     # Nothing decodes beside it, so nothing caps it: every chunk but the last fills the budget.
     assert all(cost >= 512 - 4 for _, cost, _ in steps[:-1]), steps
-    assert s.prefill_cap_s() == math.inf
+    assert s.protection.left_s == math.inf  # its steps had no decode row: never capped
 
 
 def test_a_token_dearer_than_the_cap_still_advances():
@@ -148,10 +149,10 @@ def test_a_token_dearer_than_the_cap_still_advances():
 
 def test_no_cap_before_a_decode_only_step_was_timed():
     s = make(stall=1.5)
-    assert s.prefill_cap_s() == math.inf
+    assert s.protection.cap_s(has_decodes=True) == math.inf
     s.add_request(rq("a", 32, 8))
     run_step(s)  # prefill-only: prices chunks, says nothing about decode steps
-    assert s.decode_step_s is None and s.prefill_cap_s() == math.inf
+    assert s.protection.decode_step_s is None and s.protection.cap_s(has_decodes=True) == math.inf
 
 
 def test_flag_default_and_off(capsys):
