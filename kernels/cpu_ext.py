@@ -6,6 +6,8 @@
                                                           model through server/model/cpu_ops.py (module substitutions)
     argmax_rows(x)                                        the sampler's greedy pick (server/engine/sampler.py)
     DecodeLoop                                            all layers of a decode step in one call
+    chunk_attention(out, q, cache, table, context_len, heads, scale)
+                                                          a prefill chunk over its cached context, read in place
 
 Why C++: at decode each LoRA projection is a few thousand multiply-adds per row, so the torch
 formulations (embedding_bag shrink, scale, per-slice embedding_bag expand and add) cost their per-op
@@ -35,7 +37,8 @@ log = logging.getLogger("loramux.kernels")
 
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = [_CSRC / "bindings.cpp", _CSRC / "bgmv_cpu.cpp", _CSRC / "model_cpu.cpp", _CSRC / "decode_loop.cpp",
-            _CSRC / "gemm_bf16.cpp", _CSRC / "gemm_f32.cpp", _CSRC / "qgemm_cpu.cpp"]
+            _CSRC / "gemm_bf16.cpp", _CSRC / "gemm_f32.cpp", _CSRC / "qgemm_cpu.cpp",
+            _CSRC / "chunk_attention.cpp"]
 _HEADERS = [_CSRC / "loramux_cpu.h", _CSRC / "decode_loop.h", _CSRC / "vec512.h"]
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "module" or "error"

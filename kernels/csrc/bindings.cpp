@@ -37,5 +37,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("x"), pybind11::arg("data"), pybind11::arg("fmt"), pybind11::arg("n_out"), pybind11::arg("k_in"),
         pybind11::arg("absmax_q"), pybind11::arg("absmax_scale"), pybind11::arg("absmax_offset"), pybind11::arg("dyn_map"),
         pybind11::arg("bias") = pybind11::none(), pybind11::arg("impl") = 0);
+  m.def("chunk_attention_vectorized", &loramux::chunk_attention_vectorized, "whether chunk_attention.cpp's AVX2 path was compiled in");
+  m.def("chunk_attention", &loramux::chunk_attention, "a prefill chunk's attention over its paged context, read in place", pybind11::call_guard<pybind11::gil_scoped_release>(),
+        pybind11::arg("out"), pybind11::arg("q"), pybind11::arg("cache"), pybind11::arg("table"), pybind11::arg("context_len"),
+        pybind11::arg("heads"), pybind11::arg("scale"), pybind11::arg("impl") = 0);
   m.def("decode_attention", &loramux::decode_attention, "paged attention of one query token per sequence", pybind11::call_guard<pybind11::gil_scoped_release>());
 }

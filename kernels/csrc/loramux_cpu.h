@@ -1,6 +1,6 @@
 // The fused CPU ops of loramux, one extension module (bindings.cpp): the LoRA BGMV kernel
 // (bgmv_cpu.cpp), the decode-step model ops (model_cpu.cpp) and the decoder loop that chains them
-// (decode_loop.cpp).
+// (decode_loop.cpp), prefill-chunk attention (chunk_attention.cpp).
 #pragma once
 // Light ATen headers only: torch/extension.h (pybind11 and the whole C++ frontend) costs about 35 s of
 // parsing per translation unit, so only bindings.cpp (the pybind11 module) includes it.
@@ -24,6 +24,10 @@ void kv_write(at::Tensor cache, at::Tensor k, at::Tensor v, at::Tensor slots);
 void decode_attention(at::Tensor out, at::Tensor q, at::Tensor rows, at::Tensor cache,
                       at::Tensor tables, at::Tensor lens, int64_t heads, double scale);
 at::Tensor argmax_rows(at::Tensor x);
+// chunk_attention.cpp: a prefill chunk's attention over its paged context; impl 1 forces the scalar path
+bool chunk_attention_vectorized();
+void chunk_attention(at::Tensor out, at::Tensor q, at::Tensor cache, at::Tensor table, int64_t context_len,
+                     int64_t heads, double scale, int64_t impl);
 bool bf16_gemm_available();
 bool f32_gemm_available();
 at::Tensor pack_f32_weight(at::Tensor w);

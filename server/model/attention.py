@@ -20,7 +20,8 @@ No host syncs (`.item()`, `.tolist()`) happen in the layer loop.
 
 `PagedAttention` (rotary + the steps above) is the module each `LlamaAttention` calls; faster
 implementations replace it at build time (server/model/cpu_ops.py: steps 1 and 2 as one C++ call
-each, reading the blocks in place, same numerics) and reuse `prefill_attention` for prefills.
+each, reading the blocks in place, same numerics; a chunk after cached tokens reads its context in
+place too) and reuse `prefill_one` for the other prefills.
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ class PrefillSeq:
     context_len: int
     block_rows: torch.Tensor | None  # [2*KV*nblocks] rows of its blocks (None: the step holds the whole context)
     mask: torch.Tensor | None  # [query_len, context_len] bool causal mask (None: plain causal)
+    table: torch.Tensor | None = None  # [nblocks] int32 block table (with block_rows: for kernels reading in place)
 
 
 @dataclass
@@ -107,12 +109,13 @@ def build_attention_plan(ctx: ForwardContext, kv_cache: torch.Tensor) -> Attenti
     for i, (q, c) in enumerate(zip(ctx.query_lens, ctx.context_lens, strict=True)):
         if q == 1:
             continue
-        rows = mask = None
+        rows = mask = table = None
         if c != q:  # chunked prefill: earlier tokens are already in the cache
-            rows = _head_rows(ctx.block_tables[i, : -(-c // bs)], num_blocks, heads2)
+            table = ctx.block_tables[i, : -(-c // bs)]
+            rows = _head_rows(table, num_blocks, heads2)
             q_pos = torch.arange(c - q, c, device=device)
             mask = torch.arange(c, device=device)[None, :] <= q_pos[:, None]
-        prefills.append(PrefillSeq(starts[i], q, c, rows, mask))
+        prefills.append(PrefillSeq(starts[i], q, c, rows, mask, table))
     plan = AttentionPlan(all_decode, write_rows, decode_rows, decode_block_rows, decode_mask, prefills)
     if dec:
         plan.decode_q_rows, plan.decode_tables, plan.decode_lens = q_rows, tables.int(), lens_t.long()
@@ -148,27 +151,33 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, plan: AttentionPla
 def prefill_attention(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       kv_cache: torch.Tensor, plan: AttentionPlan, scale: float) -> None:
     """Each prefill sequence (full or chunked) in turn, written into its rows of out [T, H, D]."""
+    for p in plan.prefills:
+        prefill_one(out, q, k, v, kv_cache, p, scale)
+
+
+def prefill_one(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: torch.Tensor, p: PrefillSeq, scale: float) -> None:
+    """One prefill sequence's attention (SDPA), written into its rows of out [T, H, D]."""
     H, D = q.shape[1], q.shape[2]
     KV = k.shape[1]
     G = H // KV
-    blocks_view = kv_cache.view(-1, kv_cache.shape[3] * D)  # rows (K|V, head, block)
-    for p in plan.prefills:
-        qs = q[p.start : p.start + p.query_len].transpose(0, 1)  # [H, q, D]
-        if p.block_rows is None:
-            ks = k[p.start : p.start + p.query_len].transpose(0, 1)  # [KV, q, D]
-            vs = v[p.start : p.start + p.query_len].transpose(0, 1)
-        else:
-            # rows -> [2, KV, nblocks*bs, D] -> first c tokens
-            kv = blocks_view.index_select(0, p.block_rows).view(2, KV, -1, D)[:, :, : p.context_len]
-            ks, vs = kv[0], kv[1]  # [KV, c, D]
-        # GQA inside SDPA (each KV head serves its G query heads): repeating K/V to H heads first
-        # copied 2 x G x the context every layer, which dominated a small chunk deep into a long
-        # prompt (8k context, 8 tokens: 15 -> 8 ms per layer on the 2-core CPU).
-        # A leading batch dim: with 3-D inputs torch's CPU SDPA takes its "math" path, which builds the
-        # whole [H, q, c] score matrix (measured 7.2 s vs 0.53 s for one 8k-token layer, 4 heads).
-        o = F.scaled_dot_product_attention(qs[None], ks[None], vs[None], attn_mask=p.mask,
-                                           is_causal=p.mask is None, scale=scale, enable_gqa=G > 1)[0]
-        out[p.start : p.start + p.query_len] = o.transpose(0, 1)
+    qs = q[p.start : p.start + p.query_len].transpose(0, 1)  # [H, q, D]
+    if p.block_rows is None:
+        ks = k[p.start : p.start + p.query_len].transpose(0, 1)  # [KV, q, D]
+        vs = v[p.start : p.start + p.query_len].transpose(0, 1)
+    else:
+        # rows (K|V, head, block) -> [2, KV, nblocks*bs, D] -> first c tokens
+        blocks_view = kv_cache.view(-1, kv_cache.shape[3] * D)
+        kv = blocks_view.index_select(0, p.block_rows).view(2, KV, -1, D)[:, :, : p.context_len]
+        ks, vs = kv[0], kv[1]  # [KV, c, D]
+    # GQA inside SDPA (each KV head serves its G query heads): repeating K/V to H heads first
+    # copied 2 x G x the context every layer, which dominated a small chunk deep into a long
+    # prompt (8k context, 8 tokens: 15 -> 8 ms per layer on the 2-core CPU).
+    # A leading batch dim: with 3-D inputs torch's CPU SDPA takes its "math" path, which builds the
+    # whole [H, q, c] score matrix (measured 7.2 s vs 0.53 s for one 8k-token layer, 4 heads).
+    o = F.scaled_dot_product_attention(qs[None], ks[None], vs[None], attn_mask=p.mask,
+                                       is_causal=p.mask is None, scale=scale, enable_gqa=G > 1)[0]
+    out[p.start : p.start + p.query_len] = o.transpose(0, 1)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,

@@ -6,8 +6,10 @@ below (same parameters, same numerics, one C++ call each):
   FusedRMSNorm          residual add (in place) + RMSNorm
   FusedSiluAndMul       silu(gate) * up
   FusedPagedAttention   rotary in place on q|k, KV write, decode rows read straight from the paged
-                        cache (no gather copy, no padding); prefills keep the torch path
-                        (`server.model.attention.prefill_attention`)
+                        cache (no gather copy, no padding); a prefill chunk after cached tokens
+                        (chunked prefill, prefix-cache hit) also reads its context in place
+                        (kernels/csrc/chunk_attention.cpp, where AVX2 is compiled in); a prefill
+                        that holds its whole context keeps SDPA (`server.model.attention.prefill_one`)
 While an autograd graph is recorded (training) each falls back to its torch parent: the C++ ops
 record no graph. `disable_cpu_ops(model)` swaps the torch modules back. Returns False (nothing
 swapped) when the model is not on the CPU, is not a float/bf16/fp16 model, or the build is
@@ -21,11 +23,12 @@ import torch
 from torch import nn
 
 from kernels import cpu_ext
-from server.model.attention import AttentionPlan, PagedAttention, prefill_attention
+from server.model.attention import AttentionPlan, PagedAttention, prefill_one
 from server.model.context import ForwardContext
 from server.model.layers import RMSNorm, SiluAndMul
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_CHUNK_DTYPES = (torch.float32, torch.bfloat16)  # chunk_attention.cpp's types (fp16: SDPA)
 
 
 class FusedRMSNorm(RMSNorm):
@@ -68,6 +71,8 @@ class FusedPagedAttention(PagedAttention):
     def __init__(self, attn: PagedAttention, ops) -> None:
         super().__init__(attn.num_heads, attn.num_kv_heads, attn.head_dim, attn.scale)
         self.ops = ops
+        # The chunk kernel only where it is vectorized (its scalar path is slower than SDPA's).
+        self.chunk_kernel = bool(ops.chunk_attention_vectorized()) and attn.head_dim % 8 == 0
 
     def forward(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
                 ctx: ForwardContext, plan: AttentionPlan) -> torch.Tensor:
@@ -90,7 +95,13 @@ class FusedPagedAttention(PagedAttention):
         q = qkv[:, :qs].view(T, H, D)
         k = qkv[:, qs : qs + kvs].view(T, -1, D)
         v = qkv[:, qs + kvs :].view(T, -1, D)
-        prefill_attention(out, q, k, v, kv_cache, plan, self.scale)
+        for p in plan.prefills:
+            if p.table is not None and self.chunk_kernel and qkv.dtype in _CHUNK_DTYPES:
+                # a chunk after cached tokens: its context read in place, no gather copy
+                ops.chunk_attention(out[p.start : p.start + p.query_len], qkv[p.start : p.start + p.query_len, :qs],
+                                    kv_cache, p.table, p.context_len, H, self.scale)
+            else:
+                prefill_one(out, q, k, v, kv_cache, p, self.scale)
         return out
 
     def unfused(self) -> PagedAttention:
