@@ -28,6 +28,7 @@ import numpy as np
 
 from server.engine.builder import build_llm_engine
 from server.engine.config import SchedulerConfig
+from server.engine.decode_protection import DecodeProtection
 from server.engine.sampling_params import SamplingParams
 from server.model.loader import load_model
 
@@ -41,6 +42,9 @@ def run_budget(engine, budget: int, stall: float, args, rng: random.Random, tag:
     sched = engine.scheduler
     sched.cfg = dataclasses.replace(sched.cfg, max_num_batched_tokens=max(budget, args.streams),
                                     max_decode_stall=stall or None)
+    # the scheduler reads the stall through its DecodeProtection, built with it: a fresh one per run
+    # (nothing learnt in one setting carries into the next)
+    sched.protection = DecodeProtection(sched.cfg.max_decode_stall)
     vocab = engine.runner.model.config.vocab_size
     lo = min(1000, vocab // 2)  # clear of the special tokens (a tiny test vocabulary has 256)
     # Long enough never to finish inside the window (the scheduler refuses more than max_model_len).

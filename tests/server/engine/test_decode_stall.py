@@ -190,4 +190,11 @@ def test_long_context_bench_runs_each_budget_with_each_stall(tmp_path):
     assert [(r["max_decode_stall"], r["budget"]) for r in records] == [(1.5, 32), (1.5, 64), (0.0, 32), (0.0, 64)]
     for r in records:
         assert r["long_ttft_s"] > 0 and r["long_steps"] >= 1 and r["itl_p99_with_long_ms"] > 0
+        # the setting reached the scheduler: with the protection on, the first chunk beside the
+        # streams is the unpriced probe (16 cost units); off, what the budget leaves beside the 2
+        # decode rows (each charged its cost, more than a token)
+        if r["max_decode_stall"]:
+            assert r["first_chunk"] <= DecodeProtection.PROBE_COST, r
+        else:
+            assert DecodeProtection.PROBE_COST < r["first_chunk"] < r["budget"], r
     assert main(["--stalls", "x"]) == 2 and main(["--stalls", "-1"]) == 2
