@@ -5,25 +5,39 @@ The engine reports each step's model time (`Scheduler.observe_step`); this keeps
 a decode-only step and a fitted price of prefill (`PrefillPrice`), and the scheduler asks it, per
 prefill chunk, how many of the tokens the budget allows fit what is left of the step's cap. Pure
 arithmetic: no clock, no torch (tests/server/engine/test_decode_stall.py drives it on a virtual clock).
+
+What a chunk of n tokens after `start` cached ones costs is modelled by what it does, three terms:
+  tokens   n                              the linear layers (and LoRA) of its rows
+  pairs    n x start + n (n + 1) / 2      query-key pairs its attention computes (per 1024)
+  context  start                          the cached context it reads (a per-step cost whatever n)
+The three prices are machine facts (a CPU's attention runs at a different FLOP rate than its GEMMs;
+reading 8k cached tokens costs a fixed time per step), so they are fitted, not assumed.
 """
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable
+
+NFEAT = 3
+
+
+def chunk_features(start: int, n: int) -> tuple[float, float, float]:
+    """(tokens, query-key pairs / 1024, cached context tokens read) of a prefill chunk."""
+    return float(n), (n * start + n * (n + 1) / 2) / 1024.0, float(start)
 
 
 class DecodeProtection:
     # The decode-only estimate moves by EWMA of each new step; before any prefill was timed, a chunk
-    # beside decode rows takes PROBE_COST units: enough to time, too little to stall anyone.
+    # beside decode rows takes PROBE_TOKENS tokens: enough to time, too little to stall anyone.
     EWMA = 0.25
-    PROBE_COST = 16.0
+    PROBE_TOKENS = 16
 
     def __init__(self, stall: float | None) -> None:
         self.stall = stall  # None: off
         self.decode_step_s: float | None = None
         self.prefill_price = PrefillPrice()
         self.left_s = math.inf  # seconds prefill chunks may still add to this step
-        self._price = (0.0, 0.0)  # this step's (seconds per cost unit, per cached context token)
+        self._price = (0.0, 0.0, 0.0)  # this step's seconds per token, per 1024 pairs, per context token
 
     def cap_s(self, has_decodes: bool) -> float:
         """Seconds the prefill chunks of a step may add: stall x the decode-only step time; inf when
@@ -37,14 +51,14 @@ class DecodeProtection:
         if self.left_s == math.inf:
             return
         fit = self.prefill_price.fit()
-        # Unpriced yet: a probe of PROBE_COST units takes the whole cap.
-        self._price = fit if fit is not None else (self.left_s / self.PROBE_COST, 0.0)
+        # Unpriced yet: a probe of PROBE_TOKENS tokens takes the whole cap.
+        self._price = fit if fit is not None else (self.left_s / self.PROBE_TOKENS, 0.0, 0.0)
 
-    def _seconds(self, start: int, cost: float) -> float:
-        per_unit, per_ctx = self._price
-        return per_unit * cost + per_ctx * start
+    def seconds(self, start: int, n: int) -> float:
+        """This step's predicted time of a chunk of n tokens after `start` cached ones."""
+        return sum(p * f for p, f in zip(self._price, chunk_features(start, n), strict=True))
 
-    def chunk_len(self, start: int, n: int, chunk_cost: Callable[[int, int], float], first: bool) -> int:
+    def chunk_len(self, start: int, n: int, first: bool) -> int:
         """Of the n tokens from `start` the budget allows, the most whose predicted time fits what is
         left of the cap. When the first prefill chunk of a step cannot fit even one token because
         reading its context alone costs more than the cap (deep into a long prompt on a slow
@@ -54,67 +68,97 @@ class DecodeProtection:
         left = self.left_s
         if left == math.inf:
             return n
-        if first and self._seconds(start, chunk_cost(start, 1)) > left:
-            left += self._price[1] * start  # only the tokens' own time counts against the cap
-        if self._seconds(start, chunk_cost(start, n)) > left:
+        if first and self.seconds(start, 1) > left:
+            left += self._price[2] * start  # only the tokens' own time counts against the cap
+        if self.seconds(start, n) > left:
             lo, hi = 0, n  # the largest n' < n that fits (time grows with n')
             while hi - lo > 1:
                 mid = (lo + hi) // 2
-                lo, hi = (mid, hi) if self._seconds(start, chunk_cost(start, mid)) <= left else (lo, mid)
+                lo, hi = (mid, hi) if self.seconds(start, mid) <= left else (lo, mid)
             n = lo
         return 1 if n == 0 and first else n
 
-    def charge(self, start: int, cost: float) -> None:
+    def charge(self, start: int, n: int) -> None:
         """A prefill chunk was scheduled: less of the step's cap is left."""
         if self.left_s != math.inf:
-            self.left_s -= self._seconds(start, cost)
+            self.left_s -= self.seconds(start, n)
 
-    def observe(self, prefill_cost: float, prefill_context: int, num_decode_rows: int, seconds: float) -> None:
-        """A step's model time. Without prefill it updates the decode-only estimate; with prefill it
-        gives the price model its time beyond a decode-only step (all of it when it has no decode
-        row: the price then errs high, so the cap errs small)."""
+    def observe(self, chunks: tuple[tuple[int, int], ...], num_decode_rows: int, seconds: float) -> None:
+        """A step's model time; `chunks` are its prefill chunks as (start, n). Without prefill it
+        updates the decode-only estimate; with prefill it gives the price model its time beyond a
+        decode-only step (all of it when it has no decode row: the price then errs high, so the
+        cap errs small)."""
         if self.stall is None or not seconds > 0:
             return
-        if prefill_cost == 0:
+        if not chunks:
             a = self.EWMA
             self.decode_step_s = seconds if self.decode_step_s is None else (1 - a) * self.decode_step_s + a * seconds
             return
         base = self.decode_step_s if num_decode_rows and self.decode_step_s is not None else 0.0
-        self.prefill_price.add(prefill_cost, prefill_context, seconds - base)
+        feats = [sum(col) for col in zip(*(chunk_features(s, n) for s, n in chunks), strict=True)]
+        self.prefill_price.add(feats, seconds - base)
 
 
 class PrefillPrice:
-    """What prefill chunks add to a step's time: `per_unit x cost + per_ctx x context`, where cost
-    is the chunk cost (`Scheduler.chunk_cost`: tokens plus their attention FLOPs) and context the
-    cached tokens the chunks read (each chunk gathers and attends over everything before it: a cost
-    per step, whatever its length, that dominates a small chunk deep into a long prompt). Least
-    squares over exponentially decayed sums of the timed steps; while the two terms cannot be told
-    apart (every observation with the same context share) or one fits negative, one price per unit
-    of cost, the ratio of the sums."""
+    """What prefill chunks add to a step's time: a non-negative linear model over the chunk features
+    (`chunk_features`: tokens, query-key pairs, context read), fitted by least squares over
+    exponentially decayed sums of the timed steps. Non-negative: every subset of the terms is solved
+    and the best fit whose prices are all positive wins (terms the data cannot tell apart, or that
+    fit negative, get price 0)."""
 
-    DECAY = 0.02  # share of the sums each new observation takes (a long memory: the two terms vary slowly)
+    DECAY = 0.02  # share of the sums each new observation takes (a long memory: the prices vary slowly)
 
     def __init__(self) -> None:
-        self.uu = self.uc = self.cc = self.uy = self.cy = 0.0
+        self.xx = [[0.0] * NFEAT for _ in range(NFEAT)]
+        self.xy = [0.0] * NFEAT
+        self.yy = 0.0
 
-    def add(self, units: float, context: float, seconds: float) -> None:
+    def add(self, feats, seconds: float) -> None:
         d = 1 - self.DECAY
-        self.uu = d * self.uu + units * units
-        self.uc = d * self.uc + units * context
-        self.cc = d * self.cc + context * context
-        self.uy = d * self.uy + units * seconds
-        self.cy = d * self.cy + context * seconds
+        for i in range(NFEAT):
+            self.xy[i] = d * self.xy[i] + feats[i] * seconds
+            for j in range(NFEAT):
+                self.xx[i][j] = d * self.xx[i][j] + feats[i] * feats[j]
+        self.yy = d * self.yy + seconds * seconds
 
-    def fit(self) -> tuple[float, float] | None:
-        """(seconds per cost unit, seconds per context token), or None before any observation."""
-        if self.uu <= 0:
+    def fit(self) -> tuple[float, float, float] | None:
+        """(seconds per token, per 1024 query-key pairs, per context token), or None before any
+        observation with a positive price."""
+        best, best_rss = None, math.inf
+        for k in range(NFEAT, 0, -1):
+            for subset in itertools.combinations(range(NFEAT), k):
+                beta = _solve([[self.xx[i][j] for j in subset] for i in subset], [self.xy[i] for i in subset])
+                if beta is None or any(b <= 0 for b in beta):
+                    continue
+                # residual sum of squares: yy - 2 b.Xy + b'XXb
+                rss = self.yy - 2 * sum(b * self.xy[i] for b, i in zip(beta, subset, strict=True))
+                rss += sum(bi * bj * self.xx[i][j] for bi, i in zip(beta, subset, strict=True)
+                           for bj, j in zip(beta, subset, strict=True))
+                if rss < best_rss - 1e-12 * max(self.yy, 1e-30):
+                    full = [0.0] * NFEAT
+                    for b, i in zip(beta, subset, strict=True):
+                        full[i] = b
+                    best, best_rss = tuple(full), rss
+        return best
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float] | None:
+    """a x = b by Gaussian elimination with partial pivoting; None when a is (nearly) singular
+    relative to its diagonal (the terms cannot be told apart)."""
+    n = len(b)
+    scale = [math.sqrt(a[i][i]) if a[i][i] > 0 else 0.0 for i in range(n)]
+    if any(s == 0 for s in scale):
+        return None
+    # normalize to a correlation-like matrix so that the singularity test is unit-free
+    m = [[a[i][j] / (scale[i] * scale[j]) for j in range(n)] + [b[i] / scale[i]] for i in range(n)]
+    for c in range(n):
+        p = max(range(c, n), key=lambda r: abs(m[r][c]))
+        if abs(m[p][c]) < 1e-3:  # 1 - r^2 of a term against the others, in the 2-term case
             return None
-        det = self.uu * self.cc - self.uc * self.uc
-        if det > 1e-3 * self.uu * self.cc:
-            per_unit = (self.uy * self.cc - self.uc * self.cy) / det
-            per_ctx = (self.uu * self.cy - self.uc * self.uy) / det
-            if per_unit > 0 and per_ctx >= 0:
-                return per_unit, per_ctx
-        per_unit = max(self.uy, 0.0) / self.uu
-        return (per_unit, 0.0) if per_unit > 0 else None
-
+        m[c], m[p] = m[p], m[c]
+        for r in range(n):
+            if r != c:
+                f = m[r][c] / m[c][c]
+                for j in range(c, n + 1):
+                    m[r][j] -= f * m[c][j]
+    return [m[i][n] / m[i][i] / scale[i] for i in range(n)]

@@ -94,7 +94,12 @@ class SchedulerOutput:
     cost: float = 0.0  # budget units charged (== num_batched_tokens without attention_cost_len)
     prefill_cost: float = 0.0  # the part of `cost` charged to prefill chunks (rows that are not decodes)
     num_decode_rows: int = 0  # rows computing one token and sampling (ScheduledRequest.is_decode)
-    prefill_context: int = 0  # cached tokens the step's prefill chunks read (the sum of their starts)
+    prefill_chunks: tuple[tuple[int, int], ...] = ()  # (start, n) of each prefill chunk (decode protection's input)
+
+    @property
+    def prefill_context(self) -> int:
+        """Cached tokens the step's prefill chunks read (the sum of their starts)."""
+        return sum(start for start, _ in self.prefill_chunks)
 
     @property
     def is_empty(self) -> bool:
@@ -120,7 +125,7 @@ class Scheduler:
         self.step = 0
         self._finished_ids: list[str] = []  # for the next SchedulerOutput
         self._pending_outputs: list[RequestOutput] = []  # aborts, for the next update
-        # decode protection (observe_step): seconds of a decode-only step, seconds per unit of chunk cost
+        # decode protection (observe_step): seconds of a decode-only step, fitted prices of prefill chunks
         self.protection = DecodeProtection(sched_cfg.max_decode_stall)
 
     # --- queries ------------------------------------------------------------------------------
@@ -256,7 +261,7 @@ class Scheduler:
             cost=self.cfg.max_num_batched_tokens - budget,
             prefill_cost=sum(self.chunk_cost(s.start, s.num_new_tokens) for s in scheduled if not s.is_decode),
             num_decode_rows=sum(1 for s in scheduled if s.is_decode),
-            prefill_context=sum(s.start for s in scheduled if not s.is_decode),
+            prefill_chunks=tuple((s.start, s.num_new_tokens) for s in scheduled if not s.is_decode),
         )
 
     # --- the cost model ------------------------------------------------------------------------
@@ -296,13 +301,12 @@ class Scheduler:
         n = self._chunk_len(start, remaining, budget)
         if remaining <= 1 or n == 0:
             return n
-        return self.protection.chunk_len(start, n, self.chunk_cost, first=all(s.is_decode for s in scheduled))
+        return self.protection.chunk_len(start, n, first=all(s.is_decode for s in scheduled))
 
     def observe_step(self, sched_out: SchedulerOutput, seconds: float) -> None:
         """The model time of a step this scheduler planned (the engine measures it)."""
         if sched_out.scheduled:
-            self.protection.observe(sched_out.prefill_cost, sched_out.prefill_context, sched_out.num_decode_rows,
-                                    seconds)
+            self.protection.observe(sched_out.prefill_chunks, sched_out.num_decode_rows, seconds)
 
     def update_from_output(
         self,
@@ -343,7 +347,7 @@ class Scheduler:
         do_sample = req.num_computed_tokens == req.num_tokens
         scheduled.append(ScheduledRequest(req, n, start, tuple(req.block_ids), do_sample))
         if n > 1 or not do_sample:  # a prefill chunk: less of the step's cap is left
-            self.protection.charge(start, self.chunk_cost(start, n))
+            self.protection.charge(start, n)
         return self.chunk_cost(start, n)
 
     def _admit(self, budget: float, scheduled: list[ScheduledRequest]) -> float:

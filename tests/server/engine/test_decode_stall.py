@@ -2,10 +2,11 @@
 
 The scheduler turns "a prefill may add at most X decode-only steps of time" into chunk lengths from
 the step times the engine reports (`observe_step`). Here a virtual clock plays the machine: a step
-costs DECODE_S when it carries decode rows, plus PER_COST_S per unit of chunk cost, plus PER_CTX_S
-per cached context token a chunk reads (the shape measured on the 2-core CPU: ~120 ms per 16-row
-decode step, ~5 ms per prefill token, ~25 ms per 1k tokens of context a chunk attends over), so the
-feedback loop is tested deterministically, with no wall clock and no sleeping.
+costs DECODE_S when it carries decode rows, plus, per prefill chunk, PER_TOKEN_S per token,
+PER_KPAIR_S per 1024 query-key pairs its attention computes and PER_CTX_S per cached context token it
+reads (the shape measured on the 2-core CPU: ~120 ms per 16-row decode step, ~5 ms per prefill token,
+~3.5 ms per 1024 pairs, ~7 ms per 1k tokens of context read), so the feedback loop is tested
+deterministically, with no wall clock and no sleeping.
 """
 from __future__ import annotations
 
@@ -14,14 +15,14 @@ import math
 import pytest
 
 from server.engine.config import CacheConfig, SchedulerConfig
-from server.engine.decode_protection import DecodeProtection
+from server.engine.decode_protection import DecodeProtection, PrefillPrice, chunk_features
 from server.engine.request import Request
 from server.engine.sampling_params import SamplingParams
 from server.engine.scheduler import Scheduler
 from server.settings import ServerSettings
 from tests.server.engine.test_scheduler import EOS, step
 
-DECODE_S, PER_COST_S, PER_CTX_S = 0.12, 0.005, 0.000025
+DECODE_S, PER_TOKEN_S, PER_KPAIR_S, PER_CTX_S = 0.12, 0.005, 0.0035, 0.000007
 COST_LEN = 3072.0  # SmolLM2-135M's attention_cost_len
 
 
@@ -38,7 +39,11 @@ def rq(rid: str, n_prompt: int, max_tokens: int) -> Request:
 
 def virtual_seconds(out, per_ctx: float = PER_CTX_S) -> float:
     """What the step 'took' on the virtual machine."""
-    return (DECODE_S if out.num_decode_rows else 0.0) + PER_COST_S * out.prefill_cost + per_ctx * out.prefill_context
+    seconds = DECODE_S if out.num_decode_rows else 0.0
+    for start, n in out.prefill_chunks:
+        tokens, kpairs, context = chunk_features(start, n)
+        seconds += PER_TOKEN_S * tokens + PER_KPAIR_S * kpairs + per_ctx * context
+    return seconds
 
 
 def run_step(s: Scheduler, per_ctx: float = PER_CTX_S):
@@ -78,9 +83,8 @@ def test_long_prompt_beside_streams_adds_at_most_the_stall_multiple():
     start_streams(s)
     steps = prefill_long(s, 6144)
     assert s.protection.decode_step_s == pytest.approx(DECODE_S)
-    # Both prices are learnt: per unit of chunk cost, and per cached context token a chunk reads.
-    per_unit, per_ctx = s.protection.prefill_price.fit()
-    assert per_unit == pytest.approx(PER_COST_S, rel=0.02) and per_ctx == pytest.approx(PER_CTX_S, rel=0.05)
+    # The three prices are learnt: per token, per query-key pair, per cached context token read.
+    assert s.protection.prefill_price.fit() == pytest.approx((PER_TOKEN_S, PER_KPAIR_S, PER_CTX_S), rel=0.02)
     # After the first few chunks (which teach the context price), every step with the long prompt's
     # chunk stays within (1 + 1.5) decode-only steps, and uses most of it.
     late = [sec for sec, _, _ in steps[8:]]
@@ -116,7 +120,7 @@ def test_an_unpriced_prefill_starts_with_a_probe_chunk():
     start_streams(s, n=4)
     s.protection.prefill_price = type(s.protection.prefill_price)()  # forget the streams' prefill: the price is unknown
     steps = prefill_long(s, 2048)
-    assert steps[0][1] == pytest.approx(DecodeProtection.PROBE_COST, abs=1)  # small, and then priced
+    assert steps[0][2] == DecodeProtection.PROBE_TOKENS  # small, and then priced
     assert s.protection.prefill_price.fit() is not None
 
 
@@ -191,10 +195,33 @@ def test_long_context_bench_runs_each_budget_with_each_stall(tmp_path):
     for r in records:
         assert r["long_ttft_s"] > 0 and r["long_steps"] >= 1 and r["itl_p99_with_long_ms"] > 0
         # the setting reached the scheduler: with the protection on, the first chunk beside the
-        # streams is the unpriced probe (16 cost units); off, what the budget leaves beside the 2
+        # streams is the unpriced probe (16 tokens); off, what the budget leaves beside the 2
         # decode rows (each charged its cost, more than a token)
         if r["max_decode_stall"]:
-            assert r["first_chunk"] <= DecodeProtection.PROBE_COST, r
+            assert r["first_chunk"] <= DecodeProtection.PROBE_TOKENS, r
         else:
-            assert DecodeProtection.PROBE_COST < r["first_chunk"] < r["budget"], r
+            assert DecodeProtection.PROBE_TOKENS < r["first_chunk"] < r["budget"], r
     assert main(["--stalls", "x"]) == 2 and main(["--stalls", "-1"]) == 2
+
+
+def test_prefill_price_is_a_nonnegative_least_squares_fit():
+    price = PrefillPrice()
+    assert price.fit() is None
+    chunks = [(start, n) for start in (0, 500, 2000, 6000) for n in (1, 8, 64, 300)]
+    for start, n in chunks:  # a machine with no per-pair cost
+        tokens, _, context = chunk_features(start, n)
+        price.add(chunk_features(start, n), 0.005 * tokens + 0.00001 * context)
+    per_token, per_kpair, per_ctx = price.fit()
+    assert per_token == pytest.approx(0.005, rel=1e-3) and per_ctx == pytest.approx(0.00001, rel=1e-3)
+    assert 0 <= per_kpair < 1e-7
+    price = PrefillPrice()
+    for start, n in chunks:  # data a term could only fit with a negative price: that term gets 0
+        tokens, kpairs, _ = chunk_features(start, n)
+        price.add(chunk_features(start, n), max(0.0, 0.005 * tokens - 0.0001 * kpairs))
+    assert all(p >= 0 for p in price.fit()) and price.fit()[0] > 0
+    price = PrefillPrice()
+    for _ in range(5):  # one chunk shape only: the terms cannot be told apart, one price explains it
+        price.add(chunk_features(1000, 10), 0.1)
+    fit = price.fit()
+    assert sum(p * f for p, f in zip(fit, chunk_features(1000, 10), strict=True)) == pytest.approx(0.1, rel=1e-6)
+    assert sum(p > 0 for p in fit) == 1
