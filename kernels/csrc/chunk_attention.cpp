@@ -262,6 +262,36 @@ void chunk_attention_impl(T* out, const T* qall, int64_t qs, const T* cache, int
 
 }  // namespace
 
+bool attend_decode_avx2(const float* q, const float* kplane, const float* vplane, const int32_t* table, int64_t bs,
+                        int64_t D, int64_t G, int64_t L, float scale, float* out) {
+#ifdef LORAMUX_CAVX2
+  if (D % 8 != 0 || L < 1) return false;
+  thread_local std::vector<float> buf;
+  buf.assign(G * (D + 2), 0.f);
+  float* acc = buf.data();
+  float* m = acc + G * D;
+  float* l = m + G;
+  std::fill(m, m + G, kNegInf);
+  const Keys kz{kplane, vplane, table, bs, D};
+  const float* kp[kGroup];
+  const float* vp[kGroup];
+  for (int64_t g0 = 0; g0 < L; g0 += kGroup) {
+    const int64_t vis = std::min<int64_t>(kGroup, L - g0);
+    for (int64_t t = 0; t < kGroup; ++t) {
+      const int64_t j = t < vis ? g0 + t : g0;
+      kp[t] = key_row<float>(kz, kz.kplane, j);
+      vp[t] = key_row<float>(kz, kz.vplane, j);
+    }
+    for (int64_t g = 0; g < G; ++g) step_avx2<float>(q + g * D, kp, vp, vis, D, scale, m[g], l[g], acc + g * D);
+  }
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t d = 0; d < D; ++d) out[g * D + d] = acc[g * D + d] / l[g];
+  return true;
+#else
+  return false;
+#endif
+}
+
 bool chunk_attention_vectorized() {
 #ifdef LORAMUX_CAVX2
   return true;

@@ -26,6 +26,10 @@ void decode_attention(at::Tensor out, at::Tensor q, at::Tensor rows, at::Tensor 
 at::Tensor argmax_rows(at::Tensor x);
 // chunk_attention.cpp: a prefill chunk's attention over its paged context; impl 1 forces the scalar path
 bool chunk_attention_vectorized();
+// The decode kernel's fp32 path where AVX-512 is absent: G query heads of one token against keys [0, L)
+// of one KV head (online softmax, chunk_attention.cpp's 8-key step); false when not compiled in or D % 8.
+bool attend_decode_avx2(const float* q, const float* kplane, const float* vplane, const int32_t* table, int64_t bs,
+                        int64_t D, int64_t G, int64_t L, float scale, float* out);
 void chunk_attention(at::Tensor out, at::Tensor q, at::Tensor cache, at::Tensor table, int64_t context_len,
                      int64_t heads, double scale, int64_t impl);
 bool bf16_gemm_available();

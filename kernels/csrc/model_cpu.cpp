@@ -9,8 +9,9 @@
 // Numerics follow the Hugging Face eager formulas op by op: every intermediate that HF keeps in the
 // model dtype is rounded to it here too (bf16: round to nearest even), statistics and accumulation
 // are fp32. Rows are independent (no reduction across rows), so a row's result never depends on the
-// batch it is in. The exp-bound and attention loops use AVX-512 intrinsics for float and bf16 (the
-// generic loops below are the fallback: other CPUs, fp16); the rest is written for gcc's
+// batch it is in. The exp-bound and attention loops use AVX-512 intrinsics for float and bf16; without
+// AVX-512, fp32 decode attention takes the AVX2 online-softmax path of chunk_attention.cpp (the generic
+// loops below are the fallback: other CPUs, bf16 without AVX-512, fp16); the rest is written for gcc's
 // auto-vectorizer (-O3 -march=native).
 #include "loramux_cpu.h"
 
@@ -336,6 +337,9 @@ void decode_attention_impl(T* out, const T* qall, int64_t qs, const int64_t* row
         if (attend_vec_dispatch<T>(a, q, kplane, vplane, sbuf.data(), o, pf)) continue;
       }
 #endif
+      if constexpr (std::is_same_v<T, float>) {  // AVX2 machines (chunk_attention.cpp); bf16/fp16 stay generic
+        if (attend_decode_avx2(q, kplane, vplane, a.tab, bs, D, G, a.L, scale, o)) continue;
+      }
       attend_generic<T>(a, q, kplane, vplane, sbuf.data(), acc.data(), o);
     }
   });
