@@ -179,7 +179,8 @@ def test_flag_default_and_off(capsys):
 
 def test_long_context_bench_runs_each_budget_with_each_stall(tmp_path):
     """`python -m server.bench.long_context` end to end on the tiny model (small sizes): one record
-    per (stall, budget), the protection's rows marked, nothing left running."""
+    per (stall, budget), the protection's rows marked, nothing left running; the reference ITL is
+    the larger of the windows before and after the long prompt."""
     import json
 
     from server.bench.long_context import main
@@ -194,6 +195,8 @@ def test_long_context_bench_runs_each_budget_with_each_stall(tmp_path):
     assert [(r["max_decode_stall"], r["budget"]) for r in records] == [(1.5, 32), (1.5, 64), (0.0, 32), (0.0, 64)]
     for r in records:
         assert r["long_ttft_s"] > 0 and r["long_steps"] >= 1 and r["itl_p99_with_long_ms"] > 0
+        assert r["itl_p99_ms"] == max(r["itl_p99_before_ms"], r["itl_p99_after_ms"]) > 0
+        assert r["p99_ratio"] == pytest.approx(r["itl_p99_with_long_ms"] / r["itl_p99_ms"])
         # the setting reached the scheduler: with the protection on, the first chunk beside the
         # streams is the unpriced probe (16 tokens); off, what the budget leaves beside the 2
         # decode rows (each charged its cost, more than a token)
