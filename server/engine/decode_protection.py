@@ -102,9 +102,10 @@ class DecodeProtection:
 class PrefillPrice:
     """What prefill chunks add to a step's time: a non-negative linear model over the chunk features
     (`chunk_features`: tokens, query-key pairs, context read), fitted by least squares over
-    exponentially decayed sums of the timed steps. Non-negative: every subset of the terms is solved
-    and the best fit whose prices are all positive wins (terms the data cannot tell apart, or that
-    fit negative, get price 0)."""
+    exponentially decayed sums of the timed steps. Non-negative: every subset of the terms that
+    holds the per-token term is solved and the best fit whose prices are all positive wins (terms
+    the data cannot tell apart, or that fit negative, get price 0; no positive per-token price: no
+    fit, and the step takes the unpriced probe)."""
 
     DECAY = 0.02  # share of the sums each new observation takes (a long memory: the prices vary slowly)
 
@@ -125,8 +126,11 @@ class PrefillPrice:
         """(seconds per token, per 1024 query-key pairs, per context token), or None before any
         observation with a positive price."""
         best, best_rss = None, math.inf
-        for k in range(NFEAT, 0, -1):
-            for subset in itertools.combinations(range(NFEAT), k):
+        for k in range(NFEAT - 1, -1, -1):
+            # the per-token term is always in: every token costs its linear layers, and a fit without
+            # it (context only) would price a chunk independently of its length and let any length through
+            for rest in itertools.combinations(range(1, NFEAT), k):
+                subset = (0, *rest)
                 beta = _solve([[self.xx[i][j] for j in subset] for i in subset], [self.xy[i] for i in subset])
                 if beta is None or any(b <= 0 for b in beta):
                     continue

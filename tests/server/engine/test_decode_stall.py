@@ -223,6 +223,11 @@ def test_prefill_price_is_a_nonnegative_least_squares_fit():
         price.add(chunk_features(start, n), max(0.0, 0.005 * tokens - 0.0001 * kpairs))
     assert all(p >= 0 for p in price.fit()) and price.fit()[0] > 0
     price = PrefillPrice()
+    for start, n in chunks:  # time that only the context explains: no fit may ignore the chunk's length
+        price.add(chunk_features(start, n), 0.00001 * start + 0.001)
+    fit = price.fit()
+    assert fit is None or fit[0] > 0
+    price = PrefillPrice()
     for _ in range(5):  # one chunk shape only: the terms cannot be told apart, one price explains it
         price.add(chunk_features(1000, 10), 0.1)
     fit = price.fit()
