@@ -31,6 +31,12 @@ class DecodeProtection:
     # beside decode rows takes PROBE_TOKENS tokens: enough to time, too little to stall anyone.
     EWMA = 0.25
     PROBE_TOKENS = 16
+    # Trust region: a capped chunk takes at most GROWTH x the tokens of the recent prefill steps the
+    # price was fitted on (a decayed maximum). Deep into a long prompt the chunks are a few tokens at
+    # an almost constant context, where tokens, pairs and context move together and the fit cannot
+    # tell them apart; extrapolated to 100+ tokens it once predicted 0.4 s for a 3.7 s step.
+    GROWTH = 2.0
+    RECENT_DECAY = 0.05
 
     def __init__(self, stall: float | None) -> None:
         self.stall = stall  # None: off
@@ -38,6 +44,7 @@ class DecodeProtection:
         self.prefill_price = PrefillPrice()
         self.left_s = math.inf  # seconds prefill chunks may still add to this step
         self._price = (0.0, 0.0, 0.0)  # this step's seconds per token, per 1024 pairs, per context token
+        self.recent_tokens = 0.0  # decayed maximum of the prefill tokens of the timed steps
 
     def cap_s(self, has_decodes: bool) -> float:
         """Seconds the prefill chunks of a step may add: stall x the decode-only step time; inf when
@@ -60,7 +67,7 @@ class DecodeProtection:
 
     def chunk_len(self, start: int, n: int, first: bool) -> int:
         """Of the n tokens from `start` the budget allows, the most whose predicted time fits what is
-        left of the cap. When the first prefill chunk of a step cannot fit even one token because
+        left of the cap, and at most GROWTH x the recent steps' prefill tokens. When the first prefill chunk of a step cannot fit even one token because
         reading its context alone costs more than the cap (deep into a long prompt on a slow
         machine), the context's part is not counted: the chunk gets the cap for its tokens, so the
         prompt keeps a useful pace (one token per step would take thousands of steps) and the
@@ -68,6 +75,7 @@ class DecodeProtection:
         left = self.left_s
         if left == math.inf:
             return n
+        n = min(n, max(self.PROBE_TOKENS, int(self.GROWTH * self.recent_tokens)))
         if first and self.seconds(start, 1) > left:
             left += self._price[2] * start  # only the tokens' own time counts against the cap
         if self.seconds(start, n) > left:
@@ -97,6 +105,7 @@ class DecodeProtection:
         base = self.decode_step_s if num_decode_rows and self.decode_step_s is not None else 0.0
         feats = [sum(col) for col in zip(*(chunk_features(s, n) for s, n in chunks), strict=True)]
         self.prefill_price.add(feats, seconds - base)
+        self.recent_tokens = max(feats[0], (1 - self.RECENT_DECAY) * self.recent_tokens)
 
 
 class PrefillPrice:

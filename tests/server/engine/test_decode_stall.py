@@ -233,3 +233,17 @@ def test_prefill_price_is_a_nonnegative_least_squares_fit():
     fit = price.fit()
     assert sum(p * f for p, f in zip(fit, chunk_features(1000, 10), strict=True)) == pytest.approx(0.1, rel=1e-6)
     assert sum(p > 0 for p in fit) == 1
+
+
+def test_a_mispriced_fit_cannot_extrapolate_to_a_long_chunk():
+    """Deep into a long prompt the chunks are small; a fit that underprices length (the terms move
+    together there) must not let a chunk grow past GROWTH x the recent steps' tokens."""
+    p = DecodeProtection(1.5)
+    p.observe((), 16, 0.12)  # a decode-only step
+    for _ in range(30):
+        p.observe(((8000, 20),), 16, 0.12 + 0.3)
+    p.prefill_price.fit = lambda: (1e-6, 0.0, 0.0)  # says a token is nearly free
+    p.start_step(has_decodes=True)
+    assert p.chunk_len(8020, 2000, first=True) == int(DecodeProtection.GROWTH * 20)
+    p.start_step(has_decodes=False)  # no decode row beside it: no cap, no trust region
+    assert p.chunk_len(8020, 2000, first=True) == 2000
