@@ -222,10 +222,8 @@ def test_fused_ops_only_without_autograd():
                                        num_key_value_heads=3)])
 @torch.inference_mode()
 def test_fused_model_matches_hf(ext, tmp_path, dims):
-    """head_dim 64 (GQA 2) and 128 (MHA), the kernel's vector paths: a prefill, a chunked prefill
-    (its second chunk through chunk_attention.cpp) and decode steps, logits against HF's full
-    forward in fp64: within 1e-4, or twice HF's own fp32 error where that is larger (two fp32
-    implementations that each err by ~5e-5 differ from each other by up to ~1e-4)."""
+    """head_dim 64 (GQA 2) and 128 (MHA): prefill, chunked prefill (chunk_attention.cpp), decode;
+    logits vs HF in fp64, within max(1e-4, 2 x HF's own fp32 error)."""
     import copy
 
     from server.model.cpu_linear import prepack_linears
