@@ -236,8 +236,7 @@ def test_fused_model_matches_hf(ext, tmp_path, dims):
     rng = random.Random(5)
     seqs = [[rng.randrange(100) for _ in range(n)] for n in (20, 13)]
     ref = [hf(torch.tensor([s])).logits[0].double() for s in seqs]
-    hf64 = copy.deepcopy(hf).double()
-    ref64 = [hf64(torch.tensor([s])).logits[0] for s in seqs]
+    ref64 = [copy.deepcopy(hf).double()(torch.tensor([s])).logits[0] for s in seqs]
     bs = 4
     ours.model.bind_kv_cache(allocate_kv_cache(ours.config, 16, bs, torch.float32, "cpu"))
     tables = [[9, 2, 14, 5, 0], [3, 11, 7, 1]]
@@ -251,8 +250,7 @@ def test_fused_model_matches_hf(ext, tmp_path, dims):
         logits = ours.model.compute_logits(ours.model(ids, ctx))
         row = 0
         for s, pos in step:
-            want = ref64[s][pos[0] : pos[-1] + 1]
-            err = (logits[row : row + len(pos)].double() - want).abs().max().item()
+            err = (logits[row : row + len(pos)].double() - (want := ref64[s][pos[0] : pos[-1] + 1])).abs().max().item()
             hf_err = (ref[s][pos[0] : pos[-1] + 1] - want).abs().max().item()
             assert err <= max(1e-4, 2 * hf_err), f"seq {s} positions {pos}: max abs err {err} (HF fp32: {hf_err})"
             row += len(pos)
