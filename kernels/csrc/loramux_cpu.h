@@ -41,7 +41,10 @@ at::Tensor bf16_gemm(at::Tensor x, at::Tensor packed, int64_t n_out, c10::option
 at::Tensor bf16_gemm_prefetching(at::Tensor x, at::Tensor packed, int64_t n_out,
                                     c10::optional<at::Tensor> bias,
                                     const std::vector<std::pair<const void*, int64_t>>& extra);
-// qgemm_cpu.cpp: y = x @ W.T from quantized blocks (fmt 0 q8_0, 1 q4_0, 2 q4_1, 3 nf4); impl 1 forces the scalar path
+// qgemm_cpu.cpp: y = x @ W.T from quantized blocks (fmt 0 q8_0, 1 q4_0, 2 q4_1, 3 nf4); impl 0: the fastest
+// path (int16 activations at 1-8 rows of q8_0/q4_*), 1: the scalar fp32 path, 2: the vectorized fp32 path
+bool quant_gemv_i16(const uint8_t* data, int64_t fmt, int64_t row_bytes, int64_t K, const float* xf,
+                    const float* xsum, int64_t M, int64_t N, float* out);
 bool quant_linear_vectorized();
 at::Tensor quant_linear(at::Tensor x, at::Tensor data, int64_t fmt, int64_t n_out, int64_t k_in,
                            at::Tensor absmax_q, at::Tensor absmax_scale, double absmax_offset,

@@ -12,8 +12,11 @@
 // Paths:
 //  - M <= 8 (decode): bytes-bound. Each output row's blocks are read once, decoded in registers and
 //    dotted with all M rows of x: sum_g d_g * (q_g . x_g) + m_g * sum(x_g). Threads split the rows.
-//  - M >= 9: each thread dequantizes a panel of 24 weight rows x 512 k to fp32 in L1/L2 once and
-//    reuses it for every row of x (4 x 3 dot-product tiles, 12 accumulators).
+//  - M >= 9: x is packed once in blocks of 16 columns; each thread dequantizes a panel of 24 weight
+//    rows x 256 k to fp32 (in L1) once and reuses it for every block of x: 6 x 16 tiles of y.T, each
+//    weight broadcast against 16 columns of x (12 accumulators, no horizontal sums).
+//  - impl 0 sends 1-8 rows of q8_0 / q4_0 / q4_1 to qgemv_i16.cpp (activation rounded to int16 per
+//    group, integer dots: 2.x faster at one row; error bound there); impl 2 keeps fp32 activations.
 // Vectorized with AVX2 + FMA + F16C (so x86-64-v3 and every AVX-512 machine); a portable scalar
 // path does the same math elsewhere (and can be forced for tests: impl = 1).
 #include "loramux_cpu.h"
@@ -34,8 +37,8 @@ namespace {
 
 enum Fmt : int { kQ8_0 = 0, kQ4_0 = 1, kQ4_1 = 2, kNF4 = 3 };
 constexpr int64_t kGroup = 32;
-constexpr int64_t kPanelRows = 24;  // weight rows per GEMM panel (8 x 3-row tiles)
-constexpr int64_t kChunk = 512;     // k per GEMM panel chunk
+constexpr int64_t kPanelRows = 24;  // weight rows per GEMM panel (4 x 6-row tiles)
+constexpr int64_t kChunk = 256;     // k per GEMM panel chunk (the panel and a 16-column x block fit L1)
 // Up to this many rows, decoding each block once in registers for all rows beats the panel GEMM (whose
 // dequantize pass costs about as much as the decoding): gate_proj 8192x2048, bf16 x, 1 thread, busy
 // 2-core machine: 8 rows 7.5-11 ms here vs 9 rows 15-18.5 ms on the panel path. 8 accumulators + 4
@@ -241,35 +244,32 @@ void dequant_panel(const QWeight& w, int64_t n0, int64_t rows, int64_t k0, int64
   }
 }
 
-// part[r][j] += x rows [m0, m0+mr) . buf rows [j0, j0+3) over kc (a 4 x 3 tile).
-template <bool VEC>
-inline void tile_4x3(const float* const xr[4], const float* const wr[3], int64_t kc, float* part, int64_t mr,
-                     int64_t nr) {
-  float s[4][3] = {};
+// c[j][0..8*NB) += sum_k w[j][k] * xp[k][0..8*NB) for the 6 weight rows j of w (stride ldw): a 6 x 8NB
+// tile of y.T, the weight value broadcast, x packed 8*NB columns wide (6 * NB accumulators).
+template <int NB, bool VEC>
+inline void tile_6(const float* w, int64_t ldw, const float* xp, int64_t kc, float* c, int64_t ldc) {
 #ifdef LORAMUX_QAVX2
   if constexpr (VEC) {
-    __m256 acc[4][3];
-    for (int r = 0; r < 4; ++r) acc[r][0] = acc[r][1] = acc[r][2] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < kc; k += 8) {
-      const __m256 w0 = _mm256_loadu_ps(wr[0] + k), w1 = _mm256_loadu_ps(wr[1] + k), w2 = _mm256_loadu_ps(wr[2] + k);
-      for (int r = 0; r < 4; ++r) {
-        const __m256 xv = _mm256_loadu_ps(xr[r] + k);
-        acc[r][0] = _mm256_fmadd_ps(xv, w0, acc[r][0]);
-        acc[r][1] = _mm256_fmadd_ps(xv, w1, acc[r][1]);
-        acc[r][2] = _mm256_fmadd_ps(xv, w2, acc[r][2]);
+    __m256 acc[6][NB];
+    for (int j = 0; j < 6; ++j)
+      for (int b = 0; b < NB; ++b) acc[j][b] = _mm256_loadu_ps(c + j * ldc + 8 * b);
+    for (int64_t k = 0; k < kc; ++k) {
+      __m256 xv[NB];
+      for (int b = 0; b < NB; ++b) xv[b] = _mm256_loadu_ps(xp + k * 8 * NB + 8 * b);
+      for (int j = 0; j < 6; ++j) {
+        const __m256 wv = _mm256_broadcast_ss(w + j * ldw + k);
+        for (int b = 0; b < NB; ++b) acc[j][b] = _mm256_fmadd_ps(wv, xv[b], acc[j][b]);
       }
     }
-    for (int r = 0; r < 4; ++r)
-      for (int j = 0; j < 3; ++j) s[r][j] = hsum(acc[r][j]);
+    for (int j = 0; j < 6; ++j)
+      for (int b = 0; b < NB; ++b) _mm256_storeu_ps(c + j * ldc + 8 * b, acc[j][b]);
   }
 #endif
   if constexpr (!VEC) {
-    for (int r = 0; r < 4; ++r)
-      for (int j = 0; j < 3; ++j)
-        for (int64_t k = 0; k < kc; ++k) s[r][j] += xr[r][k] * wr[j][k];
+    for (int j = 0; j < 6; ++j)
+      for (int64_t k = 0; k < kc; ++k)
+        for (int64_t i = 0; i < 8 * NB; ++i) c[j * ldc + i] += w[j * ldw + k] * xp[k * 8 * NB + i];
   }
-  for (int64_t r = 0; r < mr; ++r)
-    for (int64_t j = 0; j < nr; ++j) part[r * kPanelRows + j] += s[r][j];
 }
 
 template <int F, bool VEC>
@@ -291,27 +291,39 @@ void run(const QWeight& w, const float* xf, const float* xsum, int64_t M, int64_
     at::parallel_for(0, N, 16, body);
     return;
   }
+  // x packed in blocks of 16 columns (the last one 8 when M % 16 <= 8): block b is [K][width], zero-padded.
+  const int64_t Mp = (M + 7) / 8 * 8;
+  std::vector<float> xp(Mp * K, 0.f);
+  at::parallel_for(0, K, 256, [&](int64_t kb, int64_t ke) {
+    for (int64_t m0 = 0; m0 < Mp; m0 += 16) {
+      const int64_t width = std::min<int64_t>(16, Mp - m0);
+      float* blk = xp.data() + m0 * K;
+      for (int64_t k = kb; k < ke; ++k)
+        for (int64_t i = 0; i < width && m0 + i < M; ++i) blk[k * width + i] = xf[(m0 + i) * K + k];
+    }
+  });
   const int64_t P = (N + kPanelRows - 1) / kPanelRows;
   at::parallel_for(0, P, 1, [&](int64_t pb, int64_t pe) {
-    std::vector<float> buf(kPanelRows * kChunk), part(M * kPanelRows);
+    std::vector<float> buf(kPanelRows * kChunk), ct(kPanelRows * Mp);  // ct = this panel's y.T
     for (int64_t p = pb; p < pe; ++p) {
       const int64_t n0 = p * kPanelRows, rows = std::min(kPanelRows, N - n0);
-      std::fill(part.begin(), part.end(), 0.f);
+      std::fill(ct.begin(), ct.end(), 0.f);
       for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
         const int64_t kc = std::min(kChunk, K - k0);
         dequant_panel<F, VEC>(w, n0, rows, k0, kc, buf.data());
-        for (int64_t m0 = 0; m0 < M; m0 += 4) {
-          const int64_t mr = std::min<int64_t>(4, M - m0);
-          const float* xr[4];
-          for (int r = 0; r < 4; ++r) xr[r] = xf + (m0 + std::min<int64_t>(r, mr - 1)) * K + k0;  // spare rows re-read
-          for (int64_t j0 = 0; j0 < rows; j0 += 3) {
-            const float* wr[3] = {buf.data() + j0 * kChunk, buf.data() + (j0 + 1) * kChunk, buf.data() + (j0 + 2) * kChunk};
-            tile_4x3<VEC>(xr, wr, kc, part.data() + m0 * kPanelRows + j0, mr, std::min<int64_t>(3, rows - j0));
+        for (int64_t m0 = 0; m0 < Mp; m0 += 16) {
+          const int64_t width = std::min<int64_t>(16, Mp - m0);
+          const float* xb = xp.data() + m0 * K + k0 * width;
+          for (int64_t j0 = 0; j0 < rows; j0 += 6) {
+            if (width == 16)
+              tile_6<2, VEC>(buf.data() + j0 * kChunk, kChunk, xb, kc, ct.data() + j0 * Mp + m0, Mp);
+            else
+              tile_6<1, VEC>(buf.data() + j0 * kChunk, kChunk, xb, kc, ct.data() + j0 * Mp + m0, Mp);
           }
         }
       }
       for (int64_t m = 0; m < M; ++m)
-        std::memcpy(out + m * N + n0, part.data() + m * kPanelRows, rows * sizeof(float));
+        for (int64_t j = 0; j < rows; ++j) out[m * N + n0 + j] = ct[j * Mp + m];
     }
   });
 }
@@ -374,7 +386,10 @@ at::Tensor quant_linear(at::Tensor x, at::Tensor data, int64_t fmt, int64_t n_ou
   auto out = x.new_empty({M, n_out}, x.options().dtype(at::kFloat));
   if (M > 0) {
     const float* xsum = fmt == kQ4_1 ? xsum_t.data_ptr<float>() : nullptr;
-    if (impl == 0 && quant_linear_vectorized())
+    if (impl == 0 && quant_gemv_i16(w.data, fmt, row_bytes, K, xf_t.data_ptr<float>(), xsum, M, n_out,
+                                    out.data_ptr<float>())) {
+      // done: 1-8 rows of q8_0 / q4_0 / q4_1 on the int16-activation path (qgemv_i16.cpp)
+    } else if (impl != 1 && quant_linear_vectorized())
       dispatch<true>(static_cast<int>(fmt), w, xf_t.data_ptr<float>(), xsum, M, n_out, out.data_ptr<float>());
     else
       dispatch<false>(static_cast<int>(fmt), w, xf_t.data_ptr<float>(), xsum, M, n_out, out.data_ptr<float>());

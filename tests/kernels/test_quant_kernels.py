@@ -3,7 +3,9 @@ x @ dequant(W).T in fp32 (kernels/quant_reference.py), for every kept format, od
 one 512 chunk, 1..64 rows (the 1-8 row decode path and the panel GEMM path), fp32 and bf16.
 
 Tolerance, per output element, with S = |x| @ |W|.T (the sum a rounding error can scale with):
-fp32 |y - ref| <= 1e-5 S (summation order only); bf16 adds the output's one rounding, 2^-8 |ref|."""
+fp32 |y - ref| <= 1e-5 S (summation order only); bf16 adds the output's one rounding, 2^-8 |ref|.
+The int16-activation path (1-8 rows of q8_0/q4_0/q4_1, kernels/csrc/qgemv_i16.cpp) adds its
+rounding of x: sum over groups g of (max|x_g| / 32767 / 2) * sum_{k in g} |W_k|."""
 from __future__ import annotations
 
 import pytest
@@ -23,10 +25,20 @@ def ext():
     return module
 
 
-def _check(y, x, qw, bias=None):
+def _i16_bound(x, qw):
+    """The int16 rounding of x's bound: (max|x_g| / 65534) @ (sum_{k in g} |W_k|).T."""
+    m, g = x.shape[0], x.shape[1] // 32
+    step = x.float().abs().view(m, g, 32).amax(-1) / 65534
+    return step @ qw.dequantize().abs().view(qw.out_features, g, 32).sum(-1).T
+
+
+def _check(y, x, qw, bias=None, exact=False):
+    """exact: fp32 activations (impl 1/2, nf4, more than 8 rows) — no int16 term."""
     want = quantized_linear_reference(x, qw, bias)
     bound = x.float().abs() @ qw.dequantize().abs().T + (bias.float().abs() if bias is not None else 0)
     tol = 1e-5 * bound + 1e-6
+    if not exact and qw.format != "nf4" and x.shape[0] <= 8:
+        tol = tol + 1.01 * _i16_bound(x, qw)
     if x.dtype == torch.bfloat16:
         tol = tol + want.abs() * 2.0 ** -8
     assert y.dtype == x.dtype and y.shape == want.shape
@@ -66,7 +78,25 @@ def test_bias_small_k_and_scalar_path(ext, fmt, m):
     _check(quant.quantized_linear(xb, qw, bb, backend="cpp"), xb, qw, bb)
     # the portable path (what builds without AVX2) does the same math
     y = ext.quant_linear(x, qw.data, quant._CPP_FORMAT_IDS[fmt], 5, k, *_nf4_args(qw), bias, 1)
-    _check(y, x, qw, bias)
+    _check(y, x, qw, bias, exact=True)
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_int16_activation_path(ext, fmt, m):
+    """1-8 rows: impl 0 rounds x to int16 per group (within the stated bound, also with a zero group
+    and a 1000x outlier), impl 2 keeps fp32 x (the fp32 bound); the two differ, so impl 0 took its path."""
+    qw = _weight(fmt, 53, 640)
+    x = torch.randn(m, 640)
+    x[:, 32:64] = 0.0
+    x[0, 100] = 1000.0
+    args = (qw.data, quant._CPP_FORMAT_IDS[fmt], 53, 640, *_nf4_args(qw), None)
+    y16, y32 = ext.quant_linear(x, *args, 0), ext.quant_linear(x, *args, 2)
+    _check(y16, x, qw)
+    _check(y32, x, qw, exact=True)
+    if ext.quant_linear_vectorized():
+        assert not torch.equal(y16, y32)
+        assert (y16 - quantized_linear_reference(x, qw)).abs().max() <= _i16_bound(x, qw).max()
 
 
 def _nf4_args(qw):
