@@ -77,18 +77,21 @@ constexpr int64_t group_bytes() {
   return F == 0 ? 34 : F == 1 ? 18 : 20;
 }
 
-// out[r * N + n] for rows n in [n0, n1), MR rows of the int16 activation.
+// out[r * N + n] for rows n in [n0, n1), MR rows of the int16 activation. U accumulators per row take
+// turns (groups g, g+1, ...), so at 1-2 rows the FMA's latency does not serialize the groups.
 template <int F, int MR>
 void gemv_i16(const uint8_t* data, int64_t row_bytes, int64_t K, const int16_t* xi, const float* xs,
               const float* xsum, int64_t n0, int64_t n1, float* out, int64_t N) {
+  constexpr int U = MR == 1 ? 4 : MR == 2 ? 2 : 1;
   const int64_t G = K / kGroup;
   const __m256i nib = _mm256_set1_epi16(0x0F), eight = _mm256_set1_epi16(8);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = data + n * row_bytes;
-    __m256 acc[MR];
+    __m256 acc[MR][U];
     float macc[MR] = {};
-    for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < G; ++g) {
+    for (int r = 0; r < MR; ++r)
+      for (int u = 0; u < U; ++u) acc[r][u] = _mm256_setzero_ps();
+    auto group = [&](int64_t g, int u) {
       const uint8_t* gp = row + g * group_bytes<F>();
       _mm_prefetch(reinterpret_cast<const char*>(gp + kPrefetchBytes), _MM_HINT_T0);
       __m256i lo, hi;  // weights k 0..15 and 16..31 of the group, as int16
@@ -110,11 +113,19 @@ void gemv_i16(const uint8_t* data, int64_t row_bytes, int64_t K, const int16_t* 
         const __m256i p = _mm256_add_epi32(
             _mm256_madd_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr))),
             _mm256_madd_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + 16))));
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xs[r * G + g]), acc[r]);
+        acc[r][u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xs[r * G + g]), acc[r][u]);
         if constexpr (F == 2) macc[r] += half_at(gp + 2) * xsum[r * G + g];
       }
+    };
+    int64_t g = 0;
+    for (; g + U <= G; g += U)
+      for (int u = 0; u < U; ++u) group(g + u, u);
+    for (; g < G; ++g) group(g, 0);
+    for (int r = 0; r < MR; ++r) {
+      __m256 a = acc[r][0];
+      for (int u = 1; u < U; ++u) a = _mm256_add_ps(a, acc[r][u]);
+      out[r * N + n] = hsum8(a) + macc[r];
     }
-    for (int r = 0; r < MR; ++r) out[r * N + n] = hsum8(acc[r]) + macc[r];
   }
 }
 

@@ -150,7 +150,7 @@ def write_lora_gguf(path: Path, safetensors_bytes: bytes, rank: int, info: dict)
 
 
 # --- load --------------------------------------------------------------------------------------------
-async def _level(url: str, bodies: list[dict], concurrency: int, timeout: float) -> dict:
+async def _level(url: str, bodies: list[dict], concurrency: int, timeout: float, transport=None) -> dict:
     queue = list(reversed(bodies))
     latencies: list[float] = []
     tokens = 0
@@ -168,7 +168,8 @@ async def _level(url: str, bodies: list[dict], concurrency: int, timeout: float)
             latencies.append(time.perf_counter() - t)
             tokens += int(r.json()["usage"]["completion_tokens"])
 
-    async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=concurrency)) as http:
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport) as http:
         t0 = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
         wall = time.perf_counter() - t0
