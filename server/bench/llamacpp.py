@@ -14,7 +14,10 @@ each server in turn (one at a time, so they never share the cores) gets, at each
 closed loop of c clients sending `--requests` completions of `--prompt-tokens` random token ids and
 `--max-tokens` greedy tokens (ignore_eos), first all on the base model ("base"), then each request
 on its own adapter, round robin ("distinct": loramux's `adapter` field, llama.cpp's per-request
-`lora` list). Reported: output tok/s, mean and p90 request latency, and loramux / llama.cpp.
+`lora` list). Every level (and its warm-up) has its own prompts, the same for both engines, so no
+prefix cache helps. llama.cpp runs "base" on a server started without adapters (its 32 loaded
+adapters slowed base requests 4x at scale 0); loramux serves both mixes from one server. Reported:
+output tok/s, mean and p90 request latency, and loramux / llama.cpp.
 llama.cpp's server batches only requests with the same LoRA set (its README says so); loramux
 batches them all.
 """
@@ -180,8 +183,10 @@ async def _level(url: str, bodies: list[dict], concurrency: int, timeout: float,
             "latency_mean_s": statistics.fmean(lat), "latency_p90_s": lat[min(len(lat) - 1, int(0.9 * len(lat)))]}
 
 
-def _bodies(engine: str, mix: str, n: int, args, names: list[str]) -> list[dict]:
-    rng = np.random.default_rng(args.seed)
+def _bodies(engine: str, mix: str, n: int, args, names: list[str], level: int = 0) -> list[dict]:
+    """The requests of one level; `level` seeds the prompts, so no level reuses another's (or its warm-up's)
+    prompts from a prefix cache, and both engines get the same ones."""
+    rng = np.random.default_rng([args.seed, level])
     out = []
     for i in range(n):
         body = {"prompt": rng.integers(1000, 10000, args.prompt_tokens).tolist(), "max_tokens": args.max_tokens,
@@ -195,17 +200,20 @@ def _bodies(engine: str, mix: str, n: int, args, names: list[str]) -> list[dict]
     return out
 
 
-def run_engine(engine: str, cmd: list[str], url: str, ready: str, args, names: list[str], log: Path) -> list[dict]:
+def run_engine(engine: str, cmd: list[str], url: str, ready: str, args, names: list[str], log: Path,
+               mixes: list[str]) -> list[dict]:
     rows = []
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
             _wait_ready(url, proc, 900, path=ready)
-            for mix in args.mixes.split(","):
+            for mix in mixes:
                 for c in (int(v) for v in args.concurrency.split(",")):
                     n = max(args.requests, c)
-                    asyncio.run(_level(url, _bodies(engine, mix, min(c, 4), args, names), min(c, 4), 600))  # warm-up
-                    r = asyncio.run(_level(url, _bodies(engine, mix, n, args, names), c, 1800))
+                    level = 4 * c + (2 if mix == "distinct" else 0)
+                    warm = _bodies(engine, mix, min(c, 4), args, names, level + 1)
+                    asyncio.run(_level(url, warm, min(c, 4), 600))
+                    r = asyncio.run(_level(url, _bodies(engine, mix, n, args, names, level), c, 1800))
                     rows.append({"engine": engine, "mix": mix, "concurrency": c, **r})
                     print(f"{engine:8s} {mix:8s} c={c:3d}: {r['output_tokens_per_s']:7.2f} tok/s, "
                           f"mean latency {r['latency_mean_s']:.2f} s", flush=True)
@@ -241,14 +249,17 @@ def compare(args) -> dict:
     cmd = [sys.executable, "-m", "server", "serve", "--model", str(gguf_path), "--host", "127.0.0.1", "--port",
            str(port), "--adapter-dir", str(peft_dir), "--max-batch-size", str(cmax), "--max-lora-rank", str(args.rank),
            *args.loramux_args.split()]
-    rows += run_engine("loramux", cmd, url, "/ready", args, names, work / "loramux.log")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
+    mixes = args.mixes.split(",")
+    rows += run_engine("loramux", cmd, url, "/ready", args, names, work / "loramux.log", mixes)
     ctx = cmax * (args.prompt_tokens + args.max_tokens + 16)
-    cmd = [args.llama_server, "-m", str(gguf_path), "--host", "127.0.0.1", "--port", str(port), "-t",
-           str(args.threads), "-np", str(cmax), "-c", str(ctx), "--lora-init-without-apply",
-           *[a for f in lora_files for a in ("--lora", f)], *args.llama_args.split()]
-    rows += run_engine("llama.cpp", cmd, url, "/health", args, names, work / "llama.log")
+    for mix in mixes:  # llama.cpp: base on a server without adapters (loaded ones cost even at scale 0)
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        loras = [a for f in lora_files for a in ("--lora", f)] if mix == "distinct" else []
+        cmd = [args.llama_server, "-m", str(gguf_path), "--host", "127.0.0.1", "--port", str(port), "-t",
+               str(args.threads), "-np", str(cmax), "-c", str(ctx), "--lora-init-without-apply", *loras,
+               *args.llama_args.split()]
+        rows += run_engine("llama.cpp", cmd, url, "/health", args, names, work / f"llama-{mix}.log", [mix])
     table = []
     for r in rows:
         if r["engine"] == "loramux":

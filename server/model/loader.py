@@ -84,13 +84,9 @@ def load_model(spec: str, dtype: str = "auto", device: str = "auto", quantize: s
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     if spec == "default":
+        # `auto` keeps the embedded file's Q4_1 (+ Q8_0 embedding) blocks: measured faster than its float
+        # weights at batch 1 (3.5-4.4x) and at batch 32 (1.4-1.5x) on the 2-core CPU (docs/quantization.md).
         path, name = default_model_path(), DEFAULT_NAME
-        if quantize == "auto":
-            # The rule for the embedded model: keep its Q4_1 blocks by default only once they are
-            # measured at least as fast as the float weights at batch 32 and faster at batch 1. This
-            # session's runs (docs/quantization.md) did not show that, so `auto` serves it dequantized;
-            # `--model <its .gguf path> --quantize auto` keeps the blocks.
-            quantize = "none"
     else:
         path = Path(spec).expanduser()
         name = path.stem if path.suffix == ".gguf" else path.name

@@ -78,6 +78,8 @@ def test_closed_loop_counts_tokens_and_names_adapters_per_engine():
     assert [b["adapter"] for b in lm] == ["a000", "a001", "a002", "a000"]
     lc = llamacpp._bodies("llama.cpp", "distinct", 4, Args, names)
     assert [b["lora"] for b in lc][:2] == [[{"id": 0, "scale": 1.0}], [{"id": 1, "scale": 1.0}]]
+    assert [b["prompt"] for b in lm] == [b["prompt"] for b in lc]  # both engines: the same prompts
+    assert llamacpp._bodies("loramux", "distinct", 1, Args, names, level=1)[0]["prompt"] != lm[0]["prompt"]
     base = llamacpp._bodies("llama.cpp", "base", 2, Args, names)
     assert all("lora" not in b and "adapter" not in b and len(b["prompt"]) == 5 and b["ignore_eos"] for b in base)
     r = asyncio.run(llamacpp._level("http://test", lm, 2, 10, transport=httpx.MockTransport(handler)))
