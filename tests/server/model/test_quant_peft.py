@@ -52,8 +52,9 @@ def test_demo_adapters_on_quantized_base_equal_peft_on_dequantized_base(tmp_path
             expected.append(out[0, len(ids):].tolist())
     del peft_model, dequantized
 
-    # the file itself (with --model default, `auto` dequantizes the embedded model: docs/quantization.md)
-    loaded = load_model(str(default_model_path()), "float32", "cpu", quantize="auto")
+    # the file itself: `--model default` with `--quantize auto` (the defaults) keeps its blocks
+    loaded = load_model("default", "float32", "cpu", quantize="auto")
+    assert {q.format for q in loaded.quant.values()} == {"q4_1", "q8_0"}
     manager = AdapterManager(tmp_path, base_spec(loaded), ValidationLimits(max_rank=16))
     assert manager.load_all() == []
     engine = build_llm_engine(loaded, manager=manager, scheduler=SchedulerConfig(max_num_seqs=8),

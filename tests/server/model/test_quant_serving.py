@@ -26,7 +26,7 @@ def test_serve_help_shows_quantize(capsys):
         build_parser().parse_args(["serve", "--help"])
     out = capsys.readouterr().out
     assert "--quantize" in out and "nf4" in out
-    assert "embedded --model default" in " ".join(out.split())  # auto's one exception is stated
+    assert "the embedded model's included" in " ".join(out.split())  # auto keeps the default's blocks too
     with pytest.raises(ValueError, match="--quantize"):
         ServerSettings(quantize="int3")
     assert ServerSettings.from_args(["--quantize", "int8"]).quantize == "int8"
