@@ -39,7 +39,7 @@ _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = [_CSRC / "bindings.cpp", _CSRC / "bgmv_cpu.cpp", _CSRC / "model_cpu.cpp", _CSRC / "decode_loop.cpp",
             _CSRC / "gemm_bf16.cpp", _CSRC / "gemm_f32.cpp", _CSRC / "qgemm_cpu.cpp", _CSRC / "qgemv_i16.cpp",
             _CSRC / "chunk_attention.cpp"]
-_HEADERS = [_CSRC / "loramux_cpu.h", _CSRC / "decode_loop.h", _CSRC / "vec512.h"]
+_HEADERS = [_CSRC / "loramux_cpu.h", _CSRC / "decode_loop.h", _CSRC / "vec512.h", _CSRC / "avx2_reduce.h"]
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "module" or "error"
 

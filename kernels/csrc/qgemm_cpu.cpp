@@ -20,6 +20,7 @@
 // Vectorized with AVX2 + FMA + F16C (so x86-64-v3 and every AVX-512 machine); a portable scalar
 // path does the same math elsewhere (and can be forced for tests: impl = 1).
 #include "loramux_cpu.h"
+#include "avx2_reduce.h"
 
 #include <ATen/Parallel.h>
 
@@ -153,12 +154,6 @@ inline void decode_vec(const uint8_t* gp, __m256 q[4]) {
   }
 }
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 #endif
 
 // Decode-sized inputs: out[r * N + n] (fp32) for rows n in [n0, n1), MR rows of xf.
@@ -190,7 +185,7 @@ void gemv_rows(const QWeight& w, const float* xf, const float* xsum, int64_t n0,
           if constexpr (F == kQ4_1) macc[r] += m * xsum[r * G + g];
         }
       }
-      for (int r = 0; r < MR; ++r) sacc[r] = hsum(acc[r]);
+      for (int r = 0; r < MR; ++r) sacc[r] = hsum8(acc[r]);
     }
 #endif
     if constexpr (!VEC) {

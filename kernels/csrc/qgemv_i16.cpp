@@ -13,6 +13,7 @@
 // fp32. Per output: |y - x @ W.T| <= sum_g (s_g / 2) sum_{k in g} |w_k| + fp32 summation error.
 // q4_1's offset term m_g * sum(x_g) uses the exact fp32 group sums.
 #include "loramux_cpu.h"
+#include "avx2_reduce.h"
 
 #include <ATen/Parallel.h>
 
@@ -38,13 +39,6 @@ inline float half_at(const uint8_t* p) {
   return _cvtsh_ss(h);
 }
 
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // One group of x (32 floats) -> 32 int16 and its scale.
 inline float quantize_group(const float* x, int16_t* xi) {
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
@@ -53,10 +47,7 @@ inline float quantize_group(const float* x, int16_t* xi) {
     v[i] = _mm256_loadu_ps(x + 8 * i);
     mx = _mm256_max_ps(mx, _mm256_and_ps(v[i], abs_mask));
   }
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_movehdup_ps(m));
-  const float amax = _mm_cvtss_f32(m);
+  const float amax = hmax8(mx);
   const __m256 inv = _mm256_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
   for (int i = 0; i < 2; ++i) {  // round to nearest (MXCSR default), pack with saturation, undo the lane interleave
     const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(v[2 * i], inv));
