@@ -168,8 +168,9 @@ _FLAGS: list[tuple[str, object, str]] = [
     ("device", str, "auto | cpu | cuda"),
     ("dtype", str, "auto | float32 | bfloat16 | float16"),
     ("quantize", str, "base weights kept quantized in memory: auto (a GGUF file's own Q8_0/Q4_0/Q4_1 "
-                      "blocks, the embedded model's included; K-quants converted; HF weights as they are; "
-                      "see docs/quantization.md) | none (dequantize) | int8 | int4 | nf4 (quantize at load)"),
+                      "blocks, the embedded model's included (on CUDA it is dequantized); K-quants "
+                      "converted; HF weights as they are; see docs/quantization.md) | none (dequantize) | "
+                      "int8 | int4 | nf4 (quantize at load)"),
     ("api-key", _opt_str, "bearer key for inference routes"),
     ("admin-key", _opt_str, "bearer key for adapter upload/delete (also valid for inference)"),
     ("max-body-bytes", int, "largest JSON request body"),

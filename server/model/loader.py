@@ -78,15 +78,21 @@ def _hf_quant_plan(hf: dict[str, torch.Tensor], cfg: ModelConfig, quantize: str)
     return {n: QuantSource(fmt, hf.pop(n).float()) for n in names if n in hf}
 
 
+def default_model_quantize(quantize: str, dev: torch.device) -> str:
+    """`auto` for the embedded model: keep its Q4_1 (+ Q8_0 embedding) blocks on the CPU, where they
+    were measured faster than its float weights at batch 1 (3.1-4.4x) and at batch 32 (1.1-1.5x) on the
+    2-core machine (docs/quantization.md); elsewhere (CUDA: not measured against cuBLAS) dequantize."""
+    return "none" if quantize == "auto" and dev.type != "cpu" else quantize
+
+
 def load_model(spec: str, dtype: str = "auto", device: str = "auto", quantize: str = "none") -> LoadedModel:
     """Load `spec` (HF directory | .gguf file | "default") in `dtype` on `device`; `quantize`: see above."""
     check_mode(quantize)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     if spec == "default":
-        # `auto` keeps the embedded file's Q4_1 (+ Q8_0 embedding) blocks: measured faster than its float
-        # weights at batch 1 (3.5-4.4x) and at batch 32 (1.4-1.5x) on the 2-core CPU (docs/quantization.md).
         path, name = default_model_path(), DEFAULT_NAME
+        quantize = default_model_quantize(quantize, dev)
     else:
         path = Path(spec).expanduser()
         name = path.stem if path.suffix == ".gguf" else path.name

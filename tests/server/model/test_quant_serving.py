@@ -100,3 +100,16 @@ def test_shape_not_whole_blocks_names_the_tensor(tmp_path):
         with pytest.raises(ModelLoadError, match="up_proj|gate_up_proj|ffn_up") as e:
             load_model(str(bad), "float32", "cpu", quantize=mode)
         assert "\n" not in str(e.value)
+
+
+def test_embedded_model_auto_keeps_blocks_on_cpu_only():
+    """`--model default --quantize auto`: the Q4_1 blocks are kept where they were measured faster (CPU);
+    on CUDA (not measured against cuBLAS) the embedded model is dequantized; explicit modes pass through."""
+    import torch
+
+    from server.model.loader import default_model_quantize
+
+    assert default_model_quantize("auto", torch.device("cpu")) == "auto"
+    assert default_model_quantize("auto", torch.device("cuda")) == "none"
+    assert default_model_quantize("int8", torch.device("cuda")) == "int8"
+    assert default_model_quantize("none", torch.device("cpu")) == "none"
