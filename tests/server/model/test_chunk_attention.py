@@ -141,34 +141,14 @@ def test_fused_attention_sends_chunks_after_cached_tokens_to_the_kernel(ext, dty
     """Through the model's attention module: a chunk after cached tokens takes chunk_attention.cpp
     (fp32 always; bf16 up to 16 tokens, where it beats SDPA), a prefill holding its whole context
     and a long bf16 chunk take SDPA; the outputs equal the torch path either way."""
-    from server.model.attention import (
-        PagedAttention,
-        allocate_kv_cache,
-        build_attention_plan,
-        paged_attention,
-    )
-    from server.model.context import make_context
+    from server.model.attention import PagedAttention
     from server.model.cpu_ops import FusedPagedAttention
+    from tests.server.model.paged_case import KV, D, G, paged_case
 
-    D, KV, G, bs = 64, 2, 2, 4
-    g = torch.Generator().manual_seed(7)
-
-    class Cfg:
-        num_key_value_heads, head_dim, num_hidden_layers = KV, D, 1
-
-    cache = allocate_kv_cache(Cfg, 40, bs, dtype, "cpu")[0]
-    cache.copy_(torch.randn(cache.shape, generator=g))
     # a fresh prefill, a 5-token chunk after 40 cached, a 20-token chunk after 30 cached
     positions = [list(range(6)), list(range(40, 45)), list(range(30, 50))]
-    tables = [[0, 1], list(range(2, 14)), list(range(14, 27))]
-    ctx = make_context(positions, tables, bs, torch.device("cpu"))
-    T = sum(len(p) for p in positions)
-    q = torch.randn(T, KV * G, D, generator=g).to(dtype)
-    k = torch.randn(T, KV, D, generator=g).to(dtype)
-    v = torch.randn(T, KV, D, generator=g).to(dtype)
-    plan = build_attention_plan(ctx, cache)
-    ref_cache = cache.clone()
-    ref = paged_attention(q, k, v, ref_cache, ctx, plan, D**-0.5)
+    c = paged_case(dtype, 40, 4, positions, [[0, 1], list(range(2, 14)), list(range(14, 27))], seed=7)
+    cache, ctx, plan, q, k, v, T, ref = c.cache, c.ctx, c.plan, c.q, c.k, c.v, c.T, c.ref
     spy = _Spy(ext)
     attn = FusedPagedAttention(PagedAttention(KV * G, KV, D, D**-0.5), spy)
     qkv = torch.cat((q.reshape(T, -1), k.reshape(T, -1), v.reshape(T, -1)), dim=1)

@@ -23,6 +23,7 @@ from server.model.cpu_ops import (
 )
 from server.model.layers import RMSNorm, SiluAndMul
 from server.model.rope import apply_rotary
+from tests.server.model.paged_case import paged_case
 
 DTYPES = [torch.float32, torch.bfloat16]
 BF16_ULP = 2.0**-8
@@ -149,25 +150,10 @@ def test_decode_attention_matches_torch_path(ext, dtype, D, KV, G, bs):
 def test_mixed_step_decode_rows_and_prefills(ext, dtype):
     """Decode rows between a full prefill and a chunked prefill: the kernel serves the decode rows,
     the torch path the prefills, all reading what kv_write just stored."""
-    D, KV, G, bs = 64, 2, 2, 4
-    g = torch.Generator().manual_seed(4)
-
-    class Cfg:
-        num_key_value_heads, head_dim, num_hidden_layers = KV, D, 1
-
-    cache = allocate_kv_cache(Cfg, 24, bs, dtype, "cpu")[0]
-    cache.copy_(torch.randn(cache.shape, generator=g))
     positions = [[9], list(range(6)), [4], list(range(5, 11))]  # decode, prefill, decode, 2nd chunk
-    tables = [[3, 7, 1], [0, 2], [5, 9], [11, 4, 8]]
-    ctx = make_context(positions, tables, bs, torch.device("cpu"))
-    T = sum(len(p) for p in positions)
-    q = torch.randn(T, KV * G, D, generator=g).to(dtype)
-    k = torch.randn(T, KV, D, generator=g).to(dtype)
-    v = torch.randn(T, KV, D, generator=g).to(dtype)
-    plan = build_attention_plan(ctx, cache)
-    ref_cache = cache.clone()
-    ref = paged_attention(q, k, v, ref_cache, ctx, plan, D**-0.5)
-    out = _fused_attention(ext, q, k, v, cache, ctx, plan, D**-0.5)
+    c = paged_case(dtype, 24, 4, positions, [[3, 7, 1], [0, 2], [5, 9], [11, 4, 8]], seed=4)
+    cache, ref_cache, ref = c.cache, c.ref_cache, c.ref
+    out = _fused_attention(ext, c.q, c.k, c.v, cache, c.ctx, c.plan, c.k.shape[-1] ** -0.5)
     assert torch.equal(cache, ref_cache)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
