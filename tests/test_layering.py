@@ -28,7 +28,7 @@ TORCH_LIKE = {"torch", "triton", "safetensors"}
 
 # server/engine core objects: plain Python (the scheduler plans, it never touches tensors).
 ENGINE_CORE = ["server.engine.config", "server.engine.request", "server.engine.sampling_params",
-               "server.engine.block_manager", "server.engine.scheduler", "server.engine.outputs",
+               "server.engine.block_manager", "server.engine.scheduler", "server.engine.schedule_plan", "server.engine.outputs",
                "server.engine.client"]
 # The model's math: the decoder, its layers' torch path, rope, config, context, loaders, tokenizers.
 MODEL_MATH = ["server.model.llama", "server.model.layers", "server.model.attention", "server.model.rope",

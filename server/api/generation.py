@@ -31,7 +31,7 @@ from server.api.state import ServerState
 from server.engine.client import EngineClient
 from server.engine.outputs import CompletionDelta
 from server.engine.sampling_params import SamplingParams
-from server.engine.scheduler import QueueFullError
+from server.engine.schedule_plan import QueueFullError
 from server.settings import ServerSettings
 
 _CLEANUPS: set[asyncio.Task] = set()  # strong refs to detached cleanup tasks

@@ -34,7 +34,7 @@ from server.cluster.replica_adapters import model_id
 from server.cluster.stats import ReplicaStats
 from server.engine.outputs import CompletionDelta
 from server.engine.sampling_params import SamplingParams
-from server.engine.scheduler import QueueFullError
+from server.engine.schedule_plan import QueueFullError
 from server.settings import ServerSettings
 
 log = logging.getLogger("loramux.cluster")

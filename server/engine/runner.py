@@ -25,7 +25,7 @@ from kernels.batch import LoRABatch
 from server.engine.grammar_masks import GrammarMasks
 from server.engine.outputs import TokenLogprob
 from server.engine.sampler import Sampler, SamplingMetadata, make_generator
-from server.engine.scheduler import ScheduledRequest, SchedulerOutput
+from server.engine.schedule_plan import ScheduledRequest, SchedulerOutput
 from server.model.attention import allocate_kv_cache
 from server.model.context import make_context
 from server.model.llama import LlamaForCausalLM
